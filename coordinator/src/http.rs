@@ -1,0 +1,265 @@
+//! The node's internal HTTP surface: forwarded consumer requests, provider
+//! sessions piped through routers, and health endpoints.
+//!
+//! Every internal route except the health checks requires the cluster token.
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::StreamExt;
+use serde_json::json;
+use subtle::ConstantTimeEq;
+use switchyard_shared::api::{ApiError, ErrorKind};
+use switchyard_shared::ids::{AccountId, ConsumerRequestId};
+use switchyard_shared::internal;
+use switchyard_shared::ledger::{HoldRequest, LedgerError};
+use switchyard_shared::protocol::MAX_MESSAGE_BYTES;
+use tokio::sync::oneshot;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info_span, warn};
+
+use crate::dispatch::{self, Job, Start};
+use crate::node::NodeState;
+use crate::request;
+
+/// Builds the node's router.
+pub fn app(state: Arc<NodeState>) -> Router {
+    let body_limit = state.config.max_body_bytes;
+    Router::new()
+        .route(internal::CHAT_COMPLETIONS_PATH, post(chat_completions))
+        .route(internal::PROVIDER_SESSION_PATH, get(provider_session))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(state): State<Arc<NodeState>>) -> Response {
+    if state.shutdown.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    }
+    Json(json!({
+        "node_id": state.config.node_id,
+        "providers": state.provider_count(),
+    }))
+    .into_response()
+}
+
+fn authorized(state: &NodeState, headers: &HeaderMap) -> bool {
+    let presented = headers
+        .get(internal::CLUSTER_TOKEN)
+        .map(HeaderValue::as_bytes)
+        .unwrap_or_default();
+    presented
+        .ct_eq(state.config.cluster_token.as_bytes())
+        .into()
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get(name)
+        .and_then(|value| value.to_str().ok())
+        .filter(|value| !value.is_empty())
+}
+
+async fn provider_session(
+    State(state): State<Arc<NodeState>>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    upgrade
+        .max_message_size(MAX_MESSAGE_BYTES)
+        .on_upgrade(move |socket| async move {
+            let (sink, stream) = socket.split();
+            crate::session::run_session(state, sink, stream).await;
+        })
+}
+
+/// Takes a forwarded chat completion request and answers in OpenAI format.
+async fn chat_completions(
+    State(state): State<Arc<NodeState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return ApiError::new(
+            ErrorKind::Unauthenticated,
+            "missing or invalid cluster token",
+        )
+        .into_response();
+    }
+    let (Some(request_id), Some(account_id)) = (
+        header_str(&headers, internal::REQUEST_ID),
+        header_str(&headers, internal::ACCOUNT_ID),
+    ) else {
+        return ApiError::new(
+            ErrorKind::InvalidRequest,
+            "missing internal request envelope",
+        )
+        .into_response();
+    };
+
+    let span = info_span!("request", request.id = %request_id, account.id = %account_id, model = tracing::field::Empty);
+    let request_id = ConsumerRequestId::from(request_id);
+    let account_id = AccountId::from(account_id);
+    match handle_chat(state, request_id, account_id, body)
+        .instrument(span)
+        .await
+    {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn handle_chat(
+    state: Arc<NodeState>,
+    request_id: ConsumerRequestId,
+    account_id: AccountId,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let body = request::parse_chat_request(&body)?;
+    let model = request::model_field(&body)?;
+    let entry = state
+        .catalog
+        .get(model)
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorKind::ModelNotFound,
+                format!("model `{model}` does not exist"),
+            )
+        })?
+        .clone();
+    tracing::Span::current().record("model", entry.id.as_str());
+    let chat = request::validate_chat_request(body, &entry)?;
+
+    if state.scheduler.provider_count(&entry.id) == 0 {
+        return Ok(retry_elsewhere());
+    }
+
+    let worst_case_prompt = chat.prompt_upper_bound;
+    let hold = entry
+        .prices()
+        .cost(worst_case_prompt, chat.completion_limit());
+    let placed = state
+        .ledger
+        .place_hold(HoldRequest {
+            request_id: request_id.clone(),
+            account_id: account_id.clone(),
+            amount: hold,
+            node_id: state.config.node_id.clone(),
+        })
+        .await;
+    match placed {
+        Ok(()) => {}
+        Err(LedgerError::InsufficientFunds {
+            available,
+            requested,
+        }) => {
+            return Err(ApiError::new(
+                ErrorKind::InsufficientFunds,
+                format!(
+                    "this request needs a hold of {requested} USD but the available balance is {available} USD; lower max_tokens or add credit"
+                ),
+            ));
+        }
+        Err(LedgerError::DuplicateHold(_)) => {
+            return Err(ApiError::new(
+                ErrorKind::Conflict,
+                "a request with this id is already running",
+            ));
+        }
+        Err(error) => {
+            warn!(error = %error, "failed to place a hold");
+            return Err(ApiError::new(
+                ErrorKind::Unavailable,
+                "billing is unavailable; try again later",
+            )
+            .with_retry_after(5));
+        }
+    }
+
+    let consumer_gone = CancellationToken::new();
+    let stream = chat.stream;
+    let job = Job {
+        node: state.clone(),
+        request_id,
+        account_id,
+        entry,
+        request: chat,
+        hold,
+        consumer_gone: consumer_gone.clone(),
+    };
+    let (start_sender, start_receiver) = oneshot::channel();
+    state
+        .tasks
+        .spawn(dispatch::run(job, start_sender).instrument(tracing::Span::current()));
+
+    // If this handler is dropped before the answer starts, the consumer has gone.
+    let gone_on_drop = consumer_gone.clone().drop_guard();
+    let start = start_receiver
+        .await
+        .map_err(|_| ApiError::new(ErrorKind::Internal, "the request ended without an answer"))?;
+    let response = match start {
+        Start::Failed {
+            error,
+            retry_elsewhere: true,
+        } => {
+            let mut response = error.into_response();
+            response
+                .headers_mut()
+                .insert(internal::RETRY_ELSEWHERE, HeaderValue::from_static("true"));
+            response
+        }
+        Start::Failed { error, .. } => error.into_response(),
+        Start::Json(value) => {
+            gone_on_drop.disarm();
+            Json(value).into_response()
+        }
+        Start::Stream(receiver) => {
+            // The guard moves into the body: dropping the body (the consumer left)
+            // cancels the request.
+            let events = ReceiverStream::new(receiver).map(move |event| {
+                let _keep_alive = &gone_on_drop;
+                Ok::<_, std::convert::Infallible>(event)
+            });
+            debug_assert!(stream);
+            sse_response(Body::from_stream(events))
+        }
+    };
+    Ok(response)
+}
+
+fn sse_response(body: Body) -> Response {
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+fn retry_elsewhere() -> Response {
+    let mut response = ApiError::new(ErrorKind::NoCapacity, "no provider is serving this model")
+        .with_retry_after(5)
+        .into_response();
+    response
+        .headers_mut()
+        .insert(internal::RETRY_ELSEWHERE, HeaderValue::from_static("true"));
+    response
+}

@@ -1,0 +1,96 @@
+//! A coordinator node's shared state and its lifecycle.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use switchyard_shared::catalog::Catalog;
+use switchyard_shared::ids::ProviderId;
+use switchyard_shared::ledger::Ledger;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+
+use crate::config::NodeConfig;
+use crate::provider::ProviderHandle;
+use crate::scheduler::Scheduler;
+
+/// Everything a node's handlers and sessions share.
+pub struct NodeState {
+    pub config: NodeConfig,
+    pub catalog: Catalog,
+    pub ledger: Arc<dyn Ledger>,
+    pub scheduler: Arc<Scheduler>,
+    providers: RwLock<HashMap<ProviderId, Arc<ProviderHandle>>>,
+    /// Cancelled when the node shuts down; every session and request holds a child.
+    pub shutdown: CancellationToken,
+    /// Every request task, so shutdown can wait for them.
+    pub tasks: TaskTracker,
+}
+
+impl NodeState {
+    pub fn new(config: NodeConfig, catalog: Catalog, ledger: Arc<dyn Ledger>) -> Arc<Self> {
+        let scheduler = Scheduler::new(config.queue_capacity);
+        Arc::new(Self {
+            config,
+            catalog,
+            ledger,
+            scheduler,
+            providers: RwLock::new(HashMap::new()),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    pub fn add_provider(&self, provider: &Arc<ProviderHandle>) {
+        write(&self.providers).insert(provider.id, provider.clone());
+        self.scheduler.add(provider);
+    }
+
+    pub fn remove_provider(&self, provider: &ProviderHandle) {
+        write(&self.providers).remove(&provider.id);
+        self.scheduler.remove(provider);
+    }
+
+    /// Re-ranks a provider after its heartbeat or trust state changed.
+    pub fn refresh_provider(&self, provider: &ProviderHandle) {
+        self.scheduler.refresh(provider);
+    }
+
+    pub fn provider_count(&self) -> usize {
+        read(&self.providers).len()
+    }
+
+    pub fn providers(&self) -> Vec<Arc<ProviderHandle>> {
+        read(&self.providers).values().cloned().collect()
+    }
+}
+
+/// Serves the node's internal HTTP and WebSocket endpoints on `listener` until
+/// `state.shutdown` is cancelled, then waits for request tasks to finish.
+pub async fn serve(listener: TcpListener, state: Arc<NodeState>) -> std::io::Result<()> {
+    let address = listener.local_addr()?;
+    info!(node.id = %state.config.node_id, %address, "coordinator node listening");
+
+    let shutdown = state.shutdown.clone();
+    let app = crate::http::app(state.clone());
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await?;
+
+    state.tasks.close();
+    state.tasks.wait().await;
+    info!(node.id = %state.config.node_id, "coordinator node stopped");
+    Ok(())
+}
+
+// Both maps are updated by single inserts and removes, so a poisoned lock still
+// holds consistent data.
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}

@@ -1,0 +1,233 @@
+//! The consumer-facing HTTP surface of a router.
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{Value, json};
+use switchyard_shared::api::{ApiError, ErrorKind};
+use switchyard_shared::ids::ConsumerRequestId;
+use switchyard_shared::internal::ApiKind;
+use switchyard_shared::protocol::MAX_MESSAGE_BYTES;
+use tracing::{Instrument, info_span};
+
+use crate::auth::presented_key;
+use crate::proxy::{self, Forward};
+use crate::state::RouterState;
+
+/// Builds the router's HTTP app.
+pub fn app(state: Arc<RouterState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(list_models))
+        .route("/ws/provider", get(provider_socket))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        // Bodies are read with their own limit so the 413 is in the API's format.
+        .layer(DefaultBodyLimit::disable())
+        .fallback(not_found)
+        .with_state(state)
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(state): State<Arc<RouterState>>) -> Response {
+    if state.shutdown.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    }
+    "ready".into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(ErrorKind::NotFound, "no such route")
+}
+
+async fn provider_socket(
+    State(state): State<Arc<RouterState>>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    upgrade
+        .max_message_size(MAX_MESSAGE_BYTES)
+        .on_upgrade(move |socket| crate::ws_proxy::pipe_provider(state, socket))
+}
+
+async fn list_models(
+    State(state): State<Arc<RouterState>>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let key = presented_key(&headers)?;
+    state.keys.authenticate(state.ledger.as_ref(), key).await?;
+
+    let data: Vec<Value> = state
+        .catalog
+        .enabled()
+        .map(|entry| {
+            json!({
+                "id": entry.id,
+                "object": "model",
+                "created": 0,
+                "owned_by": "switchyard",
+            })
+        })
+        .collect();
+    Ok(Json(json!({"object": "list", "data": data})))
+}
+
+async fn chat_completions(
+    State(state): State<Arc<RouterState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let request_id = ConsumerRequestId::generate();
+    let span = info_span!("request", request.id = %request_id, account.id = tracing::field::Empty, model = tracing::field::Empty);
+    let result = async {
+        let key = presented_key(&headers)?;
+        let account = state.keys.authenticate(state.ledger.as_ref(), key).await?;
+        tracing::Span::current().record("account.id", account.account_id.as_str());
+
+        require_json(&headers)?;
+        let body = read_body(body, state.config.max_body_bytes).await?;
+        let model = model_of(&body)?;
+        if state.catalog.get(&model).is_none() {
+            return Err(ApiError::new(
+                ErrorKind::ModelNotFound,
+                format!("model `{model}` does not exist"),
+            ));
+        }
+        tracing::Span::current().record("model", model.as_str());
+
+        let forward = Forward {
+            request_id: &request_id,
+            account_id: &account.account_id,
+            api_kind: ApiKind::ChatCompletions,
+            model: &model,
+            body,
+        };
+        Ok(proxy::forward(&state, forward).await)
+    }
+    .instrument(span)
+    .await;
+
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Rejects bodies declared as anything but JSON. A missing content type is read as
+/// JSON, since some clients omit it.
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(content_type) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let essence = content_type
+        .to_str()
+        .unwrap_or_default()
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    if essence == "application/json" || essence.ends_with("+json") {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        ErrorKind::UnsupportedMediaType,
+        format!("content type `{essence}` is not supported; send application/json"),
+    ))
+}
+
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            ErrorKind::PayloadTooLarge,
+            format!("request body is larger than the limit of {limit} bytes"),
+        )
+    };
+    match axum::body::to_bytes(body, limit).await {
+        Ok(bytes) => Ok(bytes),
+        Err(error) => {
+            let over_limit = std::error::Error::source(&error)
+                .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
+            if over_limit {
+                Err(too_large())
+            } else {
+                Err(ApiError::new(
+                    ErrorKind::InvalidRequest,
+                    "failed to read the request body",
+                ))
+            }
+        }
+    }
+}
+
+/// Reads `model` from a JSON body; the node validates the rest.
+fn model_of(body: &[u8]) -> Result<String, ApiError> {
+    #[derive(serde::Deserialize)]
+    struct ModelOnly {
+        model: Option<Value>,
+    }
+
+    let parsed: ModelOnly = serde_json::from_slice(body).map_err(|error| {
+        ApiError::new(
+            ErrorKind::InvalidJson,
+            format!("request body is not valid JSON: {error}"),
+        )
+    })?;
+    match parsed.model {
+        Some(Value::String(model)) if !model.is_empty() => Ok(model),
+        Some(Value::String(_)) => Err(ApiError::invalid_field(
+            "model",
+            "`model` must not be empty",
+        )),
+        Some(Value::Null) | None => Err(ApiError::invalid_field(
+            "model",
+            "missing required field `model`",
+        )),
+        Some(_) => Err(ApiError::invalid_field("model", "`model` must be a string")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderValue;
+
+    use super::*;
+
+    #[test]
+    fn json_content_types_are_accepted() {
+        let mut headers = HeaderMap::new();
+        assert!(require_json(&headers).is_ok());
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=utf-8"),
+        );
+        assert!(require_json(&headers).is_ok());
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        assert_eq!(
+            require_json(&headers).unwrap_err().kind,
+            ErrorKind::UnsupportedMediaType
+        );
+    }
+
+    #[test]
+    fn model_of_names_the_field() {
+        assert_eq!(model_of(br#"{"model":"m"}"#).unwrap(), "m");
+        assert_eq!(
+            model_of(br#"{"model":""}"#).unwrap_err().param.as_deref(),
+            Some("model")
+        );
+        assert_eq!(
+            model_of(br#"{"messages":[]}"#)
+                .unwrap_err()
+                .param
+                .as_deref(),
+            Some("model")
+        );
+        assert_eq!(model_of(b"{").unwrap_err().kind, ErrorKind::InvalidJson);
+    }
+}

@@ -1,0 +1,35 @@
+//! The stateless edge of a Switchyard cluster: serves the consumer API,
+//! authenticates API keys, picks a coordinator node for each request and streams
+//! its answer back, and pipes provider WebSockets to their home nodes.
+//!
+//! Layout: `http` is the consumer HTTP surface, `auth` API key checks, `proxy`
+//! request forwarding, `ws_proxy` the provider socket pipe, `state` the shared
+//! state, and `config` the settings.
+
+pub mod auth;
+pub mod config;
+pub mod http;
+pub mod proxy;
+pub mod state;
+pub mod ws_proxy;
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tracing::info;
+
+pub use config::{NodeAddress, RouterConfig};
+pub use state::RouterState;
+
+/// Serves the router on `listener` until `state.shutdown` is cancelled.
+pub async fn serve(listener: TcpListener, state: Arc<RouterState>) -> std::io::Result<()> {
+    let address = listener.local_addr()?;
+    info!(%address, nodes = state.config.nodes.len(), "router listening");
+
+    let shutdown = state.shutdown.clone();
+    axum::serve(listener, http::app(state))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await?;
+    info!("router stopped");
+    Ok(())
+}

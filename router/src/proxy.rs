@@ -1,0 +1,105 @@
+//! Forwarding consumer requests to coordinator nodes.
+//!
+//! The router picks candidates by the model's place on the ring, sends the
+//! original body with the internal envelope, and streams the node's answer back
+//! without buffering it. A node that cannot serve the model says so before any
+//! byte of the answer (503 with the retry-elsewhere header), and so does a node
+//! that cannot be reached; in both cases the router tries the next candidate.
+
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use switchyard_shared::api::{ApiError, ErrorKind};
+use switchyard_shared::ids::{AccountId, ConsumerRequestId};
+use switchyard_shared::internal::{self, ApiKind};
+use tracing::{debug, warn};
+
+use crate::state::RouterState;
+
+/// Nodes tried per request: the first candidate and at most two more.
+const MAX_NODES_TRIED: usize = 3;
+
+/// What the router knows about a request when it forwards it.
+pub struct Forward<'a> {
+    pub request_id: &'a ConsumerRequestId,
+    pub account_id: &'a AccountId,
+    pub api_kind: ApiKind,
+    pub model: &'a str,
+    pub body: Bytes,
+}
+
+/// Sends a request to the best node that takes it and relays the answer.
+pub async fn forward(state: &RouterState, request: Forward<'_>) -> Response {
+    let candidates = state.candidates(request.model);
+    let mut saw_no_capacity = false;
+
+    for node in candidates.into_iter().take(MAX_NODES_TRIED) {
+        let url = format!("{}{}", node.base_url, internal::CHAT_COMPLETIONS_PATH);
+        let sent = state
+            .http
+            .post(&url)
+            .timeout(state.config.node_timeout)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(internal::CLUSTER_TOKEN, &state.config.cluster_token)
+            .header(internal::REQUEST_ID, request.request_id.as_str())
+            .header(internal::ACCOUNT_ID, request.account_id.as_str())
+            .header(internal::API_KIND, request.api_kind.as_str())
+            .header(internal::MODEL, request.model)
+            .body(request.body.clone())
+            .send()
+            .await;
+
+        let response = match sent {
+            Ok(response) => response,
+            Err(error) => {
+                warn!(node.id = %node.id, error = %error, "coordinator node unreachable; trying the next one");
+                continue;
+            }
+        };
+        if response.status() == StatusCode::SERVICE_UNAVAILABLE
+            && response.headers().contains_key(internal::RETRY_ELSEWHERE)
+        {
+            debug!(node.id = %node.id, "node has no provider for the model; trying the next one");
+            saw_no_capacity = true;
+            continue;
+        }
+
+        return relay(response);
+    }
+
+    let message = if saw_no_capacity {
+        "no provider is serving this model right now"
+    } else {
+        "no coordinator node is reachable"
+    };
+    ApiError::new(ErrorKind::NoCapacity, message)
+        .with_retry_after(5)
+        .into_response()
+}
+
+/// Streams a node's response to the consumer, keeping the headers that matter.
+fn relay(response: reqwest::Response) -> Response {
+    let status = response.status();
+    let mut headers = axum::http::HeaderMap::new();
+    for name in [
+        header::CONTENT_TYPE,
+        header::CACHE_CONTROL,
+        header::RETRY_AFTER,
+    ] {
+        if let Some(value) = response.headers().get(&name) {
+            headers.insert(name, value.clone());
+        }
+    }
+    if headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"text/event-stream"))
+    {
+        // Tell reverse proxies in front of the router not to buffer the stream.
+        headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    }
+
+    let mut relayed = Response::new(Body::from_stream(response.bytes_stream()));
+    *relayed.status_mut() = status;
+    *relayed.headers_mut() = headers;
+    relayed
+}

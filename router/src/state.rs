@@ -1,0 +1,63 @@
+//! A router's shared state.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use switchyard_shared::catalog::Catalog;
+use switchyard_shared::ids::NodeId;
+use switchyard_shared::ledger::Ledger;
+use switchyard_shared::ring::Ring;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::KeyCache;
+use crate::config::{NodeAddress, RouterConfig};
+
+pub struct RouterState {
+    pub config: RouterConfig,
+    pub catalog: Catalog,
+    pub ledger: Arc<dyn Ledger>,
+    pub ring: Ring,
+    pub nodes: HashMap<NodeId, NodeAddress>,
+    pub http: reqwest::Client,
+    pub keys: KeyCache,
+    /// Cancelled when the router shuts down; provider pipes close on it.
+    pub shutdown: CancellationToken,
+}
+
+impl RouterState {
+    pub fn new(config: RouterConfig, catalog: Catalog, ledger: Arc<dyn Ledger>) -> Arc<Self> {
+        let ring = Ring::new(config.nodes.iter().map(|node| node.id.clone()));
+        let nodes = config
+            .nodes
+            .iter()
+            .map(|node| (node.id.clone(), node.clone()))
+            .collect();
+        let http = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .build()
+            .expect("an HTTP client without TLS settings always builds");
+        let keys = KeyCache::new(config.key_cache_ttl, config.key_cache_capacity);
+
+        Arc::new(Self {
+            config,
+            catalog,
+            ledger,
+            ring,
+            nodes,
+            http,
+            keys,
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    /// Nodes to try for `model`, best first: the model's owners, then the rest of
+    /// the ring in preference order.
+    pub fn candidates(&self, model: &str) -> Vec<&NodeAddress> {
+        self.ring
+            .ranked(model)
+            .into_iter()
+            .filter_map(|id| self.nodes.get(id))
+            .collect()
+    }
+}

@@ -1,0 +1,233 @@
+//! The embedded development cluster: one router, several coordinator nodes on
+//! loopback ports, an in-memory ledger, and simulated providers, all in one
+//! process.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use switchyard_coordinator::{NodeConfig, NodeState};
+use switchyard_loadtest::sim::{SimProvider, SimProviderConfig};
+use switchyard_router::{NodeAddress, RouterConfig, RouterState};
+use switchyard_shared::catalog::Catalog;
+use switchyard_shared::ids::{AccountId, NodeId};
+use switchyard_shared::ledger::{Ledger, MemoryLedger, generate_secret};
+use switchyard_shared::money::MicroUsd;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+/// Settings of a development cluster.
+#[derive(Clone, Debug)]
+pub struct DevOptions {
+    /// Router address; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// API key of the dev account; a fresh one is generated when `None`.
+    pub api_key: Option<String>,
+    pub nodes: usize,
+    pub providers: usize,
+    /// Balance given to the dev account.
+    pub balance: MicroUsd,
+    pub catalog: Catalog,
+    /// Content chunks per second of each simulated provider; zero means unlimited.
+    pub token_rate: f64,
+    /// Completion tokens each simulated provider produces per answer, at most.
+    pub completion_tokens: u64,
+    /// Node settings applied to every node (ids and tokens are filled in).
+    pub node_template: Option<NodeConfig>,
+    /// Largest request body the router accepts, in bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for DevOptions {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            api_key: None,
+            nodes: 3,
+            providers: 2,
+            balance: MicroUsd::from_usd(100),
+            catalog: Catalog::builtin(),
+            token_rate: 0.0,
+            completion_tokens: 16,
+            node_template: None,
+            max_body_bytes: 10 * 1024 * 1024,
+        }
+    }
+}
+
+/// A running development cluster. Dropping it does not stop it; call
+/// [`DevCluster::shutdown`].
+pub struct DevCluster {
+    /// Base URL of the consumer API, for example `http://127.0.0.1:8080/v1`.
+    pub base_url: String,
+    pub router_address: SocketAddr,
+    pub api_key: String,
+    /// The consumer account that `api_key` belongs to.
+    pub account: AccountId,
+    /// The account credited with the simulated providers' earnings.
+    pub provider_account: AccountId,
+    /// Provider token linked to `provider_account`.
+    pub provider_token: String,
+    pub ledger: Arc<MemoryLedger>,
+    pub nodes: Vec<Arc<NodeState>>,
+    pub router: Arc<RouterState>,
+    pub providers: Vec<SimProvider>,
+    shutdown: CancellationToken,
+    servers: JoinSet<std::io::Result<()>>,
+}
+
+impl DevCluster {
+    /// Starts the nodes, the router and the simulated providers, and waits until
+    /// every provider has registered.
+    pub async fn start(options: DevOptions) -> anyhow::Result<Self> {
+        let shutdown = CancellationToken::new();
+        let cluster_token = generate_secret("sy_cluster_");
+        let ledger = Arc::new(MemoryLedger::new());
+        let shared_ledger: Arc<dyn Ledger> = ledger.clone();
+
+        let account = AccountId::from("dev");
+        ledger.credit(&account, options.balance);
+        let api_key = match &options.api_key {
+            Some(key) => {
+                ledger.add_api_key(&account, key);
+                key.clone()
+            }
+            None => ledger.issue_api_key(&account),
+        };
+        let provider_account = AccountId::from("dev-provider");
+        let provider_token = ledger.issue_provider_token(&provider_account);
+
+        let mut servers = JoinSet::new();
+        let mut nodes = Vec::new();
+        let mut addresses = Vec::new();
+        for index in 0..options.nodes.max(1) {
+            let node_id = NodeId::new(format!("coordinator-{index}"));
+            let mut config = options
+                .node_template
+                .clone()
+                .unwrap_or_else(|| NodeConfig::new(node_id.clone(), String::new()));
+            config.node_id = node_id.clone();
+            config.cluster_token = cluster_token.clone();
+
+            let listener = TcpListener::bind(("127.0.0.1", 0))
+                .await
+                .context("failed to bind a coordinator node port on 127.0.0.1")?;
+            let address = listener.local_addr()?;
+            let state = NodeState::new(config, options.catalog.clone(), shared_ledger.clone());
+            let node_shutdown = state.shutdown.clone();
+            let root = shutdown.clone();
+            tokio::spawn(async move {
+                root.cancelled().await;
+                node_shutdown.cancel();
+            });
+            servers.spawn(switchyard_coordinator::serve(listener, state.clone()));
+            nodes.push(state);
+            addresses.push(NodeAddress {
+                id: node_id,
+                base_url: format!("http://{address}"),
+            });
+        }
+
+        let listener = TcpListener::bind(options.listen)
+            .await
+            .with_context(|| format!("failed to bind the router to {}", options.listen))?;
+        let router_address = listener.local_addr()?;
+        let mut router_config = RouterConfig::new(addresses, cluster_token);
+        router_config.max_body_bytes = options.max_body_bytes;
+        let router = RouterState::new(router_config, options.catalog.clone(), shared_ledger);
+        let router_shutdown = router.shutdown.clone();
+        let root = shutdown.clone();
+        tokio::spawn(async move {
+            root.cancelled().await;
+            router_shutdown.cancel();
+        });
+        servers.spawn(switchyard_router::serve(listener, router.clone()));
+
+        let providers = spawn_providers(&options, router_address, &provider_token, &shutdown);
+        let cluster = Self {
+            base_url: format!("http://{router_address}/v1"),
+            router_address,
+            api_key,
+            account,
+            provider_account,
+            provider_token,
+            ledger,
+            nodes,
+            router,
+            providers,
+            shutdown,
+            servers,
+        };
+        cluster
+            .wait_for_providers(options.providers, Duration::from_secs(30))
+            .await?;
+        info!(base_url = %cluster.base_url, providers = options.providers, "dev cluster ready");
+        Ok(cluster)
+    }
+
+    /// Waits until the nodes hold `count` provider sessions in all.
+    pub async fn wait_for_providers(&self, count: usize, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let registered: usize = self.nodes.iter().map(|node| node.provider_count()).sum();
+            if registered >= count {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                anyhow::bail!(
+                    "only {registered} of {count} simulated providers registered within {timeout:?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The URL providers connect to.
+    pub fn provider_url(&self) -> String {
+        format!("ws://{}/ws/provider", self.router_address)
+    }
+
+    /// Stops providers, router and nodes, and waits for the servers to exit.
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        for provider in self.providers.drain(..) {
+            provider.stop().await;
+        }
+        while self.servers.join_next().await.is_some() {}
+    }
+}
+
+/// Starts the simulated providers. Each serves every enabled catalog model, with a
+/// different primary model, so providers spread over the nodes and every model
+/// has someone to serve it.
+fn spawn_providers(
+    options: &DevOptions,
+    router_address: SocketAddr,
+    provider_token: &str,
+    shutdown: &CancellationToken,
+) -> Vec<SimProvider> {
+    let models: Vec<String> = options
+        .catalog
+        .enabled()
+        .map(|entry| entry.id.to_string())
+        .collect();
+    let url = format!("ws://{router_address}/ws/provider");
+
+    (0..options.providers)
+        .map(|index| {
+            let mut rotated = models.clone();
+            if !rotated.is_empty() {
+                rotated.rotate_left(index % models.len());
+            }
+            let mut config = SimProviderConfig::new(url.clone(), rotated);
+            config.name = format!("sim-provider-{index}");
+            config.auth_token = Some(provider_token.to_owned());
+            config.token_rate = options.token_rate;
+            config.completion_tokens = options.completion_tokens;
+            SimProvider::spawn_with_shutdown(config, shutdown)
+        })
+        .collect()
+}

@@ -1,0 +1,348 @@
+//! The `switchyard` command: one binary for every role.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use switchyard::dev::{DevCluster, DevOptions};
+use switchyard::telemetry::{self, LogFormat};
+use switchyard_coordinator::{NodeConfig, NodeState, TrustLevel};
+use switchyard_router::{NodeAddress, RouterConfig, RouterState};
+use switchyard_shared::catalog::Catalog;
+use switchyard_shared::ids::{AccountId, NodeId};
+use switchyard_shared::ledger::{Ledger, MemoryLedger};
+use switchyard_shared::money::MicroUsd;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+#[derive(Parser)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "Sharded coordinator cluster for decentralized LLM inference"
+)]
+struct Cli {
+    /// Log format; `pretty` for terminals, `json` for log collectors.
+    #[arg(long, global = true, value_enum, env = "SWITCHYARD_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a router, coordinator nodes and simulated providers in one process.
+    Dev(DevArgs),
+    /// Run one coordinator node.
+    Coordinator(CoordinatorArgs),
+    /// Run one router.
+    Router(RouterArgs),
+    /// Generate load against a cluster.
+    #[command(subcommand)]
+    Loadtest(LoadtestCommand),
+}
+
+#[derive(Args)]
+struct DevArgs {
+    /// Address of the consumer API.
+    #[arg(long, default_value = "127.0.0.1:8080", env = "SWITCHYARD_LISTEN")]
+    listen: SocketAddr,
+    /// API key of the dev account; generated when absent.
+    #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Simulated providers to start.
+    #[arg(long, default_value_t = 2)]
+    providers: usize,
+    /// Coordinator nodes to start.
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    /// Content chunks per second of each simulated provider; 0 is unlimited.
+    #[arg(long, default_value_t = 20.0)]
+    token_rate: f64,
+    /// Balance of the dev account, in whole US dollars.
+    #[arg(long, default_value_t = 100)]
+    balance_usd: i64,
+    #[command(flatten)]
+    catalog: CatalogArgs,
+}
+
+#[derive(Args)]
+struct CatalogArgs {
+    /// Model catalog (JSON); the built-in catalog when absent.
+    #[arg(long, env = "SWITCHYARD_CATALOG")]
+    catalog: Option<PathBuf>,
+}
+
+impl CatalogArgs {
+    fn load(&self) -> anyhow::Result<Catalog> {
+        match &self.catalog {
+            Some(path) => {
+                Catalog::load(path).with_context(|| format!("invalid catalog {}", path.display()))
+            }
+            None => Ok(Catalog::builtin()),
+        }
+    }
+}
+
+/// A dev account seeded into a role's in-memory ledger.
+#[derive(Args)]
+struct SeedArgs {
+    /// API key accepted by this process's in-memory ledger.
+    #[arg(long, env = "SWITCHYARD_DEV_API_KEY", hide_env_values = true)]
+    dev_api_key: Option<String>,
+    /// Balance of that key's account, in whole US dollars.
+    #[arg(long, default_value_t = 100)]
+    dev_balance_usd: i64,
+}
+
+impl SeedArgs {
+    /// Builds the in-memory ledger of a standalone role.
+    ///
+    /// NOTE: each process has its own in-memory ledger, so balances are not shared
+    /// between standalone routers and nodes; only `switchyard dev` shares one.
+    fn ledger(&self) -> Arc<dyn Ledger> {
+        let ledger = MemoryLedger::new();
+        if let Some(key) = &self.dev_api_key {
+            let account = AccountId::from("dev");
+            ledger.credit(&account, MicroUsd::from_usd(self.dev_balance_usd));
+            ledger.add_api_key(&account, key);
+        }
+        Arc::new(ledger)
+    }
+}
+
+#[derive(Args)]
+struct CoordinatorArgs {
+    /// Address of the node's internal endpoint.
+    #[arg(long, default_value = "127.0.0.1:9000", env = "SWITCHYARD_LISTEN")]
+    listen: SocketAddr,
+    /// Stable id of this node, for example `coordinator-0`.
+    #[arg(long, env = "SWITCHYARD_NODE_ID")]
+    node_id: String,
+    /// Secret shared by routers and nodes.
+    #[arg(long, env = "SWITCHYARD_CLUSTER_TOKEN", hide_env_values = true)]
+    cluster_token: String,
+    /// Minimum provider trust for routing: none, self_signed or hardware.
+    #[arg(long, default_value = "none", env = "SWITCHYARD_MIN_TRUST")]
+    min_trust: TrustLevel,
+    /// Seconds without a heartbeat after which a provider is evicted.
+    #[arg(long, default_value_t = 90, env = "SWITCHYARD_HEARTBEAT_TIMEOUT_SECS")]
+    heartbeat_timeout_secs: u64,
+    #[command(flatten)]
+    catalog: CatalogArgs,
+    #[command(flatten)]
+    seed: SeedArgs,
+}
+
+#[derive(Args)]
+struct RouterArgs {
+    /// Address of the consumer API and provider socket.
+    #[arg(long, default_value = "127.0.0.1:8080", env = "SWITCHYARD_LISTEN")]
+    listen: SocketAddr,
+    /// A coordinator node as ID=URL; repeat for each node.
+    #[arg(long = "node", required = true, value_parser = NodeAddress::parse)]
+    nodes: Vec<NodeAddress>,
+    /// Secret shared by routers and nodes.
+    #[arg(long, env = "SWITCHYARD_CLUSTER_TOKEN", hide_env_values = true)]
+    cluster_token: String,
+    /// Largest request body, in bytes.
+    #[arg(long, default_value_t = 10 * 1024 * 1024, env = "SWITCHYARD_MAX_BODY_BYTES")]
+    max_body_bytes: usize,
+    #[command(flatten)]
+    catalog: CatalogArgs,
+    #[command(flatten)]
+    seed: SeedArgs,
+}
+
+#[derive(Subcommand)]
+enum LoadtestCommand {
+    /// Run a fleet of simulated providers against a router.
+    Provider(ProviderArgs),
+}
+
+#[derive(Args)]
+struct ProviderArgs {
+    /// Router base URL, for example `http://127.0.0.1:8080`.
+    #[arg(long)]
+    router: String,
+    /// Model the providers serve; repeat for several.
+    #[arg(long = "model", required = true)]
+    models: Vec<String>,
+    /// Number of simulated providers.
+    #[arg(long, default_value_t = 1)]
+    count: usize,
+    /// Content chunks per second per request; 0 is unlimited.
+    #[arg(long, default_value_t = 0.0)]
+    token_rate: f64,
+    /// Seconds between heartbeats.
+    #[arg(long, default_value_t = 5)]
+    heartbeat_secs: u64,
+    /// Provider token linking earnings to an account.
+    #[arg(long, env = "SWITCHYARD_PROVIDER_TOKEN", hide_env_values = true)]
+    auth_token: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let default_format = match cli.command {
+        Command::Dev(_) | Command::Loadtest(_) => LogFormat::Pretty,
+        Command::Coordinator(_) | Command::Router(_) => LogFormat::Json,
+    };
+    telemetry::init(cli.log_format.unwrap_or(default_format));
+
+    match cli.command {
+        Command::Dev(args) => run_dev(args).await,
+        Command::Coordinator(args) => run_coordinator(args).await,
+        Command::Router(args) => run_router(args).await,
+        Command::Loadtest(LoadtestCommand::Provider(args)) => run_providers(args).await,
+    }
+}
+
+/// Returns a token cancelled on the first SIGINT or SIGTERM.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        info!("shutdown signal received");
+        cancel.cancel();
+        wait_for_signal().await;
+        info!("second shutdown signal received; exiting at once");
+        std::process::exit(130);
+    });
+    token
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
+    let options = DevOptions {
+        listen: args.listen,
+        api_key: args.api_key,
+        nodes: args.nodes,
+        providers: args.providers,
+        balance: MicroUsd::from_usd(args.balance_usd),
+        catalog: args.catalog.load()?,
+        token_rate: args.token_rate,
+        ..DevOptions::default()
+    };
+    let model = options
+        .catalog
+        .enabled()
+        .next()
+        .map(|entry| entry.id.to_string())
+        .context("the catalog has no enabled model")?;
+    let cluster = DevCluster::start(options).await?;
+
+    println!();
+    println!("Switchyard dev cluster is running.");
+    println!("  base URL: {}", cluster.base_url);
+    println!("  API key:  {}", cluster.api_key);
+    println!();
+    println!("Try it:");
+    println!(
+        "  curl -N {}/chat/completions -H 'Authorization: Bearer {}' -H 'Content-Type: application/json' \\\n    -d '{{\"model\":\"{model}\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'",
+        cluster.base_url, cluster.api_key
+    );
+    println!();
+
+    shutdown_on_signal().cancelled().await;
+    cluster.shutdown().await;
+    Ok(())
+}
+
+async fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
+    let mut config = NodeConfig::new(NodeId::new(args.node_id), args.cluster_token);
+    config.min_trust = args.min_trust;
+    config.heartbeat_timeout = Duration::from_secs(args.heartbeat_timeout_secs.max(1));
+
+    let state = NodeState::new(config, args.catalog.load()?, args.seed.ledger());
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("failed to bind {}", args.listen))?;
+
+    let shutdown = shutdown_on_signal();
+    let node_shutdown = state.shutdown.clone();
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        node_shutdown.cancel();
+    });
+    switchyard_coordinator::serve(listener, state).await?;
+    Ok(())
+}
+
+async fn run_router(args: RouterArgs) -> anyhow::Result<()> {
+    let mut config = RouterConfig::new(args.nodes, args.cluster_token);
+    config.max_body_bytes = args.max_body_bytes;
+
+    let state = RouterState::new(config, args.catalog.load()?, args.seed.ledger());
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("failed to bind {}", args.listen))?;
+
+    let shutdown = shutdown_on_signal();
+    let router_shutdown = state.shutdown.clone();
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        router_shutdown.cancel();
+    });
+    switchyard_router::serve(listener, state).await?;
+    Ok(())
+}
+
+async fn run_providers(args: ProviderArgs) -> anyhow::Result<()> {
+    let base = args.router.trim_end_matches('/');
+    let url = match base.strip_prefix("http://") {
+        Some(rest) => format!("ws://{rest}/ws/provider"),
+        None if base.starts_with("ws://") => format!("{base}/ws/provider"),
+        None => anyhow::bail!(
+            "invalid --router `{}`: expected http://HOST:PORT",
+            args.router
+        ),
+    };
+
+    let shutdown = shutdown_on_signal();
+    let providers: Vec<_> = (0..args.count)
+        .map(|index| {
+            let mut config =
+                switchyard_loadtest::sim::SimProviderConfig::new(url.clone(), args.models.clone());
+            config.name = format!("sim-provider-{index}");
+            config.token_rate = args.token_rate;
+            config.heartbeat_interval = Duration::from_secs(args.heartbeat_secs.max(1));
+            config.auth_token = args.auth_token.clone();
+            switchyard_loadtest::sim::SimProvider::spawn_with_shutdown(config, &shutdown)
+        })
+        .collect();
+    info!(count = providers.len(), %url, "simulated providers started");
+
+    shutdown.cancelled().await;
+    for provider in providers {
+        provider.stop().await;
+    }
+    Ok(())
+}
