@@ -91,6 +91,8 @@ pub struct ProviderHandle {
     /// Sticky: a provider that sent an invalid chunk or failed three challenges
     /// stays unroutable until it reconnects.
     untrusted: AtomicBool,
+    /// Whether the provider's trust level reaches the node's `min_trust`.
+    meets_min_trust: bool,
     last_heartbeat: Mutex<Instant>,
     /// Cancelled to end the session (eviction, shutdown).
     pub session_token: CancellationToken,
@@ -129,6 +131,7 @@ pub struct NewProvider {
     pub public_key_base64: String,
     pub account: Option<AccountId>,
     pub decode_tps: Option<f64>,
+    pub meets_min_trust: bool,
     pub outbound: mpsc::Sender<Outbound>,
     pub session_token: CancellationToken,
 }
@@ -160,6 +163,7 @@ impl ProviderHandle {
             }),
             challenge_failed: AtomicBool::new(false),
             untrusted: AtomicBool::new(false),
+            meets_min_trust: provider.meets_min_trust,
             last_heartbeat: Mutex::new(Instant::now()),
             session_token: provider.session_token,
         }
@@ -207,6 +211,7 @@ impl ProviderHandle {
 
     pub fn is_routable(&self) -> bool {
         self.public_key.is_some()
+            && self.meets_min_trust
             && !self.untrusted.load(Ordering::Acquire)
             && !self.challenge_failed.load(Ordering::Acquire)
             && !self.session_token.is_cancelled()
@@ -392,6 +397,7 @@ mod tests {
             public_key_base64: keys.public_base64(),
             account: None,
             decode_tps,
+            meets_min_trust: true,
             outbound,
             session_token: CancellationToken::new(),
         })

@@ -111,6 +111,7 @@ impl Scheduler {
     }
 
     /// Removes a provider from every pool; its claimed slots stay with their guards.
+    /// Waiters are woken so that they see a pool left without providers at once.
     pub fn remove(&self, provider: &ProviderHandle) {
         for model in &provider.models {
             let Some(pool) = self.pool(model) else {
@@ -123,6 +124,7 @@ impl Scheduler {
                 entries.ranked.remove(&(cost, provider.id));
             }
         }
+        self.wake_waiters(provider);
     }
 
     /// Re-ranks a provider in each of its pools after its slots or health changed.
@@ -152,12 +154,15 @@ impl Scheduler {
         }
     }
 
+    /// Wakes every request waiting on the provider's models. All of them, not
+    /// one: a waiter that excludes this provider could not use the slot and would
+    /// swallow the wakeup. The queue bound keeps the herd small.
     fn wake_waiters(&self, provider: &ProviderHandle) {
         for model in &provider.models {
             if let Some(pool) = self.pool(model)
                 && pool.waiting.load(Ordering::Acquire) > 0
             {
-                pool.slot_freed.notify_one();
+                pool.slot_freed.notify_waiters();
             }
         }
     }

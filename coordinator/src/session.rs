@@ -25,6 +25,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::config::TrustLevel;
 use crate::node::NodeState;
 use crate::provider::{NewProvider, Outbound, ProviderEvent, ProviderHandle};
 
@@ -165,20 +166,22 @@ async fn register_provider(
     // TODO: verify the Secure Enclave attestation and challenge signatures; until
     // then every provider has trust level none and `min_trust` above none routes
     // nothing.
-    let session_token = node.shutdown.child_token();
-    let provider = ProviderHandle::new(NewProvider {
+    let trust = TrustLevel::None;
+    let meets_min_trust = trust >= node.config.min_trust;
+    if !meets_min_trust {
+        warn!(min_trust = ?node.config.min_trust, "provider is below the minimum trust level; it will not be routable");
+    }
+
+    ProviderHandle::new(NewProvider {
         models,
         public_key,
         public_key_base64,
         account,
         decode_tps: register.decode_tps,
+        meets_min_trust,
         outbound,
-        session_token,
-    });
-    if node.config.min_trust > crate::config::TrustLevel::None {
-        provider.set_challenge_failed(true);
-    }
-    provider
+        session_token: node.shutdown.child_token(),
+    })
 }
 
 /// Keeps the registered models that are enabled in the catalog and whose weight
@@ -260,7 +263,9 @@ where
                     return;
                 }
             }
-            _ = challenge_tick.tick(), if challenge.is_none() => {
+            // An untrusted provider stays untrusted until it reconnects, so it is
+            // not challenged any more.
+            _ = challenge_tick.tick(), if challenge.is_none() && !provider.is_untrusted() => {
                 let (nonce, message) = new_challenge();
                 if provider.send(Outbound::Message(message)).await {
                     challenge = Some(PendingChallenge { nonce, deadline: Instant::now() + config.challenge_timeout });

@@ -21,7 +21,8 @@ const NAME_PREFIX: &str = "sim-provider";
 /// Options of the `loadtest provider` command.
 #[derive(Clone, Debug)]
 pub struct ProviderCommandArgs {
-    /// `ws://host:port`, or a full endpoint URL such as `ws://host:port/ws/provider`.
+    /// `ws://host:port` or `http://host:port`, or a full endpoint URL such as
+    /// `ws://host:port/ws/provider`.
     pub router_url: String,
     /// Model ids every provider announces.
     pub models: Vec<String>,
@@ -66,8 +67,8 @@ pub enum CommandError {
     ZeroHeartbeat,
 }
 
-/// Returns the provider WebSocket URL for `router_url`, appending
-/// [`PROVIDER_SOCKET_PATH`] when the URL has no path.
+/// Returns the provider WebSocket URL for `router_url`, turning `http://` into
+/// `ws://` and appending [`PROVIDER_SOCKET_PATH`] when the URL has no path.
 pub fn provider_socket_url(router_url: &str) -> Result<String, CommandError> {
     let invalid = |reason| CommandError::InvalidUrl {
         url: router_url.to_owned(),
@@ -75,27 +76,28 @@ pub fn provider_socket_url(router_url: &str) -> Result<String, CommandError> {
     };
 
     let uri: Uri = router_url.parse().map_err(|_| invalid("not a valid URL"))?;
-    match uri.scheme_str() {
-        Some("ws") => {}
-        Some("wss") => {
+    let scheme = match uri.scheme_str() {
+        Some(scheme @ ("ws" | "http")) => scheme,
+        Some("wss" | "https") => {
             return Err(invalid(
-                "wss:// is not supported because the WebSocket client is built without TLS; use ws://",
+                "TLS is not supported because the WebSocket client is built \
+                 without it; use ws:// or http://",
             ));
         }
-        _ => return Err(invalid("the scheme must be ws://")),
-    }
+        _ => return Err(invalid("the scheme must be ws:// or http://")),
+    };
     if uri.host().is_none_or(str::is_empty) {
         return Err(invalid("the host is missing"));
     }
 
+    // The scheme matched case-insensitively, so strip it by length.
+    let without_scheme = &router_url[scheme.len() + "://".len()..];
     let has_path = !matches!(uri.path(), "" | "/") || uri.query().is_some();
     if has_path {
-        Ok(router_url.to_owned())
+        Ok(format!("ws://{without_scheme}"))
     } else {
-        Ok(format!(
-            "{}{PROVIDER_SOCKET_PATH}",
-            router_url.trim_end_matches('/')
-        ))
+        let authority = without_scheme.trim_end_matches('/');
+        Ok(format!("ws://{authority}{PROVIDER_SOCKET_PATH}"))
     }
 }
 
@@ -169,7 +171,10 @@ async fn wait_for_stop(fleet: &Fleet, shutdown: &CancellationToken) {
                     return;
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "failed to listen for Ctrl-C; only cancellation stops the providers now");
+                    tracing::warn!(
+                        %error,
+                        "failed to listen for Ctrl-C; only cancellation stops the providers now"
+                    );
                     listening_for_ctrl_c = false;
                 }
             },
@@ -195,6 +200,11 @@ mod tests {
                 "ws://localhost:1/ws/provider",
             ),
             ("ws://localhost:1/custom", "ws://localhost:1/custom"),
+            ("http://127.0.0.1:8080", "ws://127.0.0.1:8080/ws/provider"),
+            (
+                "HTTP://127.0.0.1:8080/ws/provider",
+                "ws://127.0.0.1:8080/ws/provider",
+            ),
         ];
         for (input, expected) in cases {
             assert_eq!(
@@ -208,8 +218,9 @@ mod tests {
     #[test]
     fn socket_url_rejects_other_schemes() {
         for input in [
-            "http://127.0.0.1:8080",
+            "https://127.0.0.1:8080",
             "wss://127.0.0.1:8080",
+            "ftp://127.0.0.1:8080",
             "127.0.0.1:8080",
             "not a url",
         ] {

@@ -32,6 +32,7 @@ fn provider(models: &[&str], decode_tps: Option<f64>) -> Arc<ProviderHandle> {
         public_key_base64: keys.public_base64(),
         account: None,
         decode_tps,
+        meets_min_trust: true,
         outbound,
         session_token: CancellationToken::new(),
     }))
@@ -60,7 +61,7 @@ fn capacity_of(scheduler: &Scheduler, name: &str) -> ModelCapacity {
         .unwrap()
 }
 
-/// Polls until `name`'s queue holds `depth` waiters, failing after `LONG_WAIT`.
+/// Polls until `name`'s queue contains `depth` waiters, failing after `LONG_WAIT`.
 async fn wait_for_queue_depth(scheduler: &Scheduler, name: &str, depth: usize) {
     let deadline = Instant::now() + LONG_WAIT;
     while capacity_of(scheduler, name).queue_depth != depth {
@@ -503,7 +504,7 @@ async fn concurrent_placement_respects_caps() {
     let scheduler = scheduler_with(TASKS, &providers.iter().collect::<Vec<_>>());
 
     // Counted independently of the handles, so a double claim cannot hide.
-    let held: Arc<HashMap<ProviderId, AtomicU32>> = Arc::new(
+    let claims_per_provider: Arc<HashMap<ProviderId, AtomicU32>> = Arc::new(
         providers
             .iter()
             .map(|provider| (provider.id, AtomicU32::new(0)))
@@ -530,7 +531,7 @@ async fn concurrent_placement_respects_caps() {
     let mut workers = Vec::new();
     for task in 0..TASKS {
         let scheduler = scheduler.clone();
-        let held = held.clone();
+        let claims_per_provider = claims_per_provider.clone();
         let name = if task % 2 == 0 { MODEL_A } else { MODEL_B };
         workers.push(tokio::spawn(async move {
             for _ in 0..ROUNDS {
@@ -538,7 +539,7 @@ async fn concurrent_placement_respects_caps() {
                     .place(&model(name), &[], Duration::from_secs(10))
                     .await
                     .unwrap();
-                let counter = &held[&guard.provider().id];
+                let counter = &claims_per_provider[&guard.provider().id];
                 let count = counter.fetch_add(1, Ordering::AcqRel) + 1;
                 assert!(count <= DEFAULT_CONCURRENCY);
                 assert!(guard.provider().in_flight() <= DEFAULT_CONCURRENCY);
@@ -580,7 +581,6 @@ async fn concurrent_placement_respects_caps() {
 // that request excludes the slot's provider it goes back to sleep without passing
 // the wakeup on, so a request that could use the slot waits out its whole timeout.
 #[tokio::test]
-#[ignore = "known bug: an excluding waiter swallows the wakeup for a freed slot"]
 async fn excluding_waiter_passes_wakeup_on() {
     let first = provider(&[MODEL_A], None);
     let second = provider(&[MODEL_A], None);

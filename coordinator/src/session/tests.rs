@@ -18,7 +18,7 @@ use super::*;
 use crate::config::{NodeConfig, TrustLevel};
 use crate::node::NodeState;
 use crate::provider::{ProviderEvent, ProviderHandle};
-use crate::scheduler::PlacementError;
+use crate::scheduler::{PlacementError, SlotGuard};
 
 const CATALOG_MODEL: &str = "mlx-community/Trinity-Mini-8bit";
 const UNKNOWN_MODEL: &str = "example/not-in-catalog";
@@ -81,7 +81,7 @@ impl Session {
     async fn next_frame(&mut self) -> Option<Message> {
         tokio::time::timeout(LONG_WAIT, self.outbound.next())
             .await
-            .expect("no outbound frame in time")
+            .expect("timed out waiting for an outbound frame")
     }
 
     async fn next_message(&mut self) -> CoordinatorMessage {
@@ -117,13 +117,18 @@ impl Session {
         (self.only_provider(), challenge)
     }
 
+    /// Claims a slot for the catalog model without queueing.
+    fn try_place(&self) -> Result<SlotGuard, PlacementError> {
+        self.node.scheduler.try_place(&catalog_model(), &[])
+    }
+
     fn only_provider(&self) -> Arc<ProviderHandle> {
         let providers = self.node.providers();
         assert_eq!(providers.len(), 1);
         providers[0].clone()
     }
 
-    fn answer(&self, challenge: &AttestationChallenge, sip_enabled: bool) {
+    fn respond_to_challenge(&self, challenge: &AttestationChallenge, sip_enabled: bool) {
         self.send_json(attestation_response(
             &challenge.nonce,
             &self.public_key(),
@@ -131,12 +136,12 @@ impl Session {
         ));
     }
 
-    /// Waits for the session task to end. Callers must drop their provider handles
-    /// first, because the writer runs until the last handle's sender is gone.
+    /// Waits for the session task to end. Unless a close frame was sent, the writer
+    /// task runs until every provider handle is dropped, so callers drop theirs first.
     async fn finished(self) {
         tokio::time::timeout(LONG_WAIT, self.task)
             .await
-            .expect("session did not end in time")
+            .expect("timed out waiting for the session to end")
             .unwrap();
     }
 }
@@ -195,7 +200,7 @@ fn catalog_model() -> ModelId {
     ModelId::from(CATALOG_MODEL)
 }
 
-/// Polls `condition` until it holds, failing after `LONG_WAIT`.
+/// Polls `condition` until it is true, failing after `LONG_WAIT`.
 async fn wait_until(what: &str, condition: impl Fn() -> bool) {
     let deadline = Instant::now() + LONG_WAIT;
     while !condition() {
@@ -232,11 +237,7 @@ async fn register_adds_catalog_models_only() {
     assert!(provider.public_key.is_some());
     assert!(provider.is_routable());
 
-    let guard = session
-        .node
-        .scheduler
-        .try_place(&catalog_model(), &[])
-        .unwrap();
+    let guard = session.try_place().unwrap();
     assert_eq!(guard.provider().id, provider.id);
 }
 
@@ -264,16 +265,12 @@ async fn passed_challenge_keeps_routable() {
     let (provider, challenge) = session.register().await;
 
     let before = provider.rank().generation;
-    session.answer(&challenge, true);
+    session.respond_to_challenge(&challenge, true);
     wait_for_generation_after(&provider, before).await;
 
     assert!(provider.is_routable());
     assert!(!provider.is_untrusted());
-    let guard = session
-        .node
-        .scheduler
-        .try_place(&catalog_model(), &[])
-        .unwrap();
+    let guard = session.try_place().unwrap();
     assert_eq!(guard.provider().id, provider.id);
 }
 
@@ -282,20 +279,14 @@ async fn sip_disabled_marks_untrusted() {
     let mut session = Session::start(quiet_config());
     let (provider, challenge) = session.register().await;
 
-    session.answer(&challenge, false);
+    session.respond_to_challenge(&challenge, false);
     wait_until("the provider is untrusted", || provider.is_untrusted()).await;
 
     assert!(!provider.is_routable());
-    assert!(
-        session
-            .node
-            .scheduler
-            .try_place(&catalog_model(), &[])
-            .is_err()
-    );
+    assert!(session.try_place().is_err());
     assert_eq!(provider.in_flight(), 0);
 
-    // An untrusted provider stays connected, as the protocol requires.
+    // An untrusted provider stays connected but takes no requests.
     assert_eq!(session.node.scheduler.provider_count(&catalog_model()), 1);
     assert!(!session.task.is_finished());
 }
@@ -363,15 +354,7 @@ async fn challenge_responses_set_trust() {
 
         assert!(!provider.is_routable(), "{}", case.name);
         assert_eq!(provider.is_untrusted(), case.untrusted, "{}", case.name);
-        assert!(
-            session
-                .node
-                .scheduler
-                .try_place(&catalog_model(), &[])
-                .is_err(),
-            "{}",
-            case.name
-        );
+        assert!(session.try_place().is_err(), "{}", case.name);
     }
 }
 
@@ -388,13 +371,7 @@ async fn timed_out_challenges_mark_untrusted() {
     assert!(!provider.is_untrusted());
 
     wait_until("the provider is untrusted", || provider.is_untrusted()).await;
-    assert!(
-        session
-            .node
-            .scheduler
-            .try_place(&catalog_model(), &[])
-            .is_err()
-    );
+    assert!(session.try_place().is_err());
 
     // Each timed-out challenge was followed by a new one.
     for _ in 0..2 {
@@ -413,24 +390,14 @@ async fn passed_challenge_restores_routing() {
     let (provider, _ignored) = session.register().await;
 
     wait_until("the first challenge times out", || !provider.is_routable()).await;
-    assert!(
-        session
-            .node
-            .scheduler
-            .try_place(&catalog_model(), &[])
-            .is_err()
-    );
+    assert!(session.try_place().is_err());
 
     let second = session.next_challenge().await;
-    session.answer(&second, true);
+    session.respond_to_challenge(&second, true);
     wait_until("the provider is routable again", || provider.is_routable()).await;
 
     assert!(!provider.is_untrusted());
-    let guard = session
-        .node
-        .scheduler
-        .try_place(&catalog_model(), &[])
-        .unwrap();
+    let guard = session.try_place().unwrap();
     assert_eq!(guard.provider().id, provider.id);
 }
 
@@ -478,7 +445,7 @@ async fn heartbeats_prevent_eviction() {
     }
     assert!(provider.heartbeat_age() < Duration::from_millis(300));
     assert_eq!(session.node.provider_count(), 1);
-    assert!(session.outbound.try_next().is_err(), "no frame is queued");
+    assert!(session.outbound.try_recv().is_err(), "no frame is queued");
 
     // Once heartbeats stop, the usual timeout applies.
     assert_eq!(
@@ -505,24 +472,9 @@ async fn heartbeat_updates_slot_capacity() {
         provider.free_slots() == 8
     })
     .await;
-    let guards: Vec<_> = (0..8)
-        .map(|_| {
-            session
-                .node
-                .scheduler
-                .try_place(&catalog_model(), &[])
-                .unwrap()
-        })
-        .collect();
+    let guards: Vec<_> = (0..8).map(|_| session.try_place().unwrap()).collect();
     assert_eq!(guards.len(), 8);
-    assert_eq!(
-        session
-            .node
-            .scheduler
-            .try_place(&catalog_model(), &[])
-            .err(),
-        Some(PlacementError::QueueFull)
-    );
+    assert_eq!(session.try_place().err(), Some(PlacementError::QueueFull));
 }
 
 #[tokio::test]
@@ -567,25 +519,34 @@ async fn invalid_key_registers_unroutable() {
         .as_object_mut()
         .unwrap()
         .remove("encrypted_response_chunks");
+    // Each case: name, register message, and whether the key is valid.
     let cases = [
         (
             "invalid key",
             register_message(Some("not-a-key"), &[CATALOG_MODEL]),
+            false,
         ),
         (
             "short key",
             register_message(Some("AAAA"), &[CATALOG_MODEL]),
+            false,
         ),
-        ("missing key", register_message(None, &[CATALOG_MODEL])),
-        ("plaintext chunks", plaintext),
+        (
+            "missing key",
+            register_message(None, &[CATALOG_MODEL]),
+            false,
+        ),
+        ("plaintext chunks", plaintext, true),
     ];
 
-    for (name, register) in cases {
+    for (name, register, key_valid) in cases {
         let mut session = Session::start(quiet_config());
         session.send_json(register);
         session.next_challenge().await;
 
         let provider = session.only_provider();
+        assert_eq!(provider.public_key.is_some(), key_valid, "{name}");
+        assert_eq!(provider.is_routable(), key_valid, "{name}");
         assert!(provider.models.is_empty(), "{name}");
         assert_eq!(
             session.node.scheduler.provider_count(&catalog_model()),
@@ -593,11 +554,7 @@ async fn invalid_key_registers_unroutable() {
             "{name}"
         );
         assert_eq!(
-            session
-                .node
-                .scheduler
-                .try_place(&catalog_model(), &[])
-                .err(),
+            session.try_place().err(),
             Some(PlacementError::NoProviders),
             "{name}"
         );
@@ -654,22 +611,23 @@ async fn unknown_request_ids_are_ignored() {
 
     let encrypted_data =
         json!({"ephemeral_public_key": session.public_key(), "ciphertext": "AAAA"});
-    let usage = json!({"prompt_tokens": 1, "completion_tokens": 2});
+    let usage_json = json!({"prompt_tokens": 1, "completion_tokens": 2});
     session.send_json(json!({"type": "inference_accepted", "request_id": "unknown"}));
     session.send_json(json!({
         "type": "inference_response_chunk",
         "request_id": "unknown",
         "encrypted_data": encrypted_data,
     }));
-    session
-        .send_json(json!({"type": "inference_complete", "request_id": "unknown", "usage": usage}));
+    session.send_json(
+        json!({"type": "inference_complete", "request_id": "unknown", "usage": usage_json.clone()}),
+    );
     session.send_json(json!({
         "type": "inference_error",
         "request_id": "unknown",
         "error": "boom",
         "status_code": 500,
     }));
-    session.answer(
+    session.respond_to_challenge(
         &AttestationChallenge {
             nonce: "unknown nonce".into(),
             timestamp: "2026-05-01T10:00:00Z".into(),
@@ -692,7 +650,7 @@ async fn unknown_request_ids_are_ignored() {
     session.send_json(json!({
         "type": "inference_complete",
         "request_id": request_id.as_str(),
-        "usage": usage,
+        "usage": usage_json,
     }));
 
     let accepted = tokio::time::timeout(LONG_WAIT, events.recv())
@@ -715,13 +673,17 @@ async fn unknown_request_ids_are_ignored() {
     );
 
     assert!(!session.task.is_finished());
-    assert_eq!(session.node.provider_count(), 1);
+    assert_eq!(
+        session.only_provider().id,
+        provider.id,
+        "a second register is ignored"
+    );
     assert!(
         provider.is_routable(),
         "a response to an unknown nonce counts for nothing"
     );
     assert!(!provider.is_untrusted());
-    assert!(session.outbound.try_next().is_err(), "no frame is queued");
+    assert!(session.outbound.try_recv().is_err(), "no frame is queued");
 }
 
 #[tokio::test]
@@ -732,7 +694,7 @@ async fn auth_token_links_account() {
 
     let cases = [
         (token.as_str(), Some(account.clone())),
-        ("revoked-token", None),
+        ("unknown-token", None),
     ];
     for (auth_token, expected) in cases {
         let mut session = Session::start_with(quiet_config(), Catalog::builtin(), ledger.clone());
@@ -822,11 +784,23 @@ async fn min_trust_blocks_new_provider() {
 
     assert!(!provider.is_routable());
     assert_eq!(session.node.scheduler.provider_count(&catalog_model()), 1);
-    assert!(
-        session
-            .node
-            .scheduler
-            .try_place(&catalog_model(), &[])
-            .is_err()
-    );
+    assert!(session.try_place().is_err());
+}
+
+// NOTE: fails today. With `min_trust` above none, the provider is blocked only by a
+// failed-challenge flag, and the first passing challenge clears that flag, so an
+// unsigned response makes it routable although its trust level is still none.
+#[tokio::test]
+async fn min_trust_survives_passed_challenge() {
+    let mut config = quiet_config();
+    config.min_trust = TrustLevel::Hardware;
+    let mut session = Session::start(config);
+    let (provider, challenge) = session.register().await;
+
+    let before = provider.rank().generation;
+    session.respond_to_challenge(&challenge, true);
+    wait_for_generation_after(&provider, before).await;
+
+    assert!(!provider.is_routable());
+    assert!(session.try_place().is_err());
 }

@@ -104,7 +104,7 @@ pub(crate) struct ChatRequest {
     /// Empty when the request names no model.
     pub model: String,
     pub stream: bool,
-    /// Whether `stream_options.include_usage` asks for a usage chunk.
+    /// Whether `stream_options.include_usage` requests a usage chunk.
     pub include_usage: bool,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
@@ -151,7 +151,7 @@ impl ResponseLines {
         }
     }
 
-    /// The first streamed chunk: the assistant role with empty content.
+    /// Returns the first streamed chunk: the assistant role with empty content.
     pub fn role_chunk(&self) -> String {
         self.chunk(json!({ "role": "assistant", "content": "" }), Value::Null)
     }
@@ -160,13 +160,14 @@ impl ResponseLines {
         self.chunk(json!({ "content": simulated_token(index) }), Value::Null)
     }
 
-    /// The last streamed content chunk. `finish_reason` is always `stop`, also when
+    /// Returns the last streamed chunk. `finish_reason` is always `stop`, also when
     /// the request's token limit cut the completion short.
     pub fn finish_chunk(&self) -> String {
         self.chunk(json!({}), json!("stop"))
     }
 
-    /// The chunk that `stream_options.include_usage` asks for: no choices, only usage.
+    /// Returns the chunk that `stream_options.include_usage` requests: no choices,
+    /// only usage.
     pub fn usage_chunk(&self, prompt_tokens: u64, completion_tokens: u64) -> String {
         let body = json!({
             "id": self.id,
@@ -179,7 +180,7 @@ impl ResponseLines {
         format!("data: {body}")
     }
 
-    /// The single chunk of a non-streamed response: a whole `chat.completion`.
+    /// Returns the single chunk of a non-streamed response: a whole `chat.completion`.
     pub fn completion(&self, prompt_tokens: u64, completion_tokens: u64) -> String {
         let body = json!({
             "id": self.id,

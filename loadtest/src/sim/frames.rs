@@ -125,7 +125,7 @@ pub(super) fn heartbeat(shared: &Shared) -> Heartbeat {
     }
 }
 
-/// Answers a challenge as a provider without a Secure Enclave: the nonce echoed,
+/// Builds the challenge response of a provider without a Secure Enclave: the nonce echoed,
 /// empty signatures, and the security state a routable provider reports.
 pub(super) fn attestation_response(
     shared: &Shared,

@@ -1,5 +1,5 @@
 //! A simulated provider: it dials a coordinator over a real WebSocket and speaks the
-//! provider side of the protocol, answering sealed inference requests with
+//! provider side of the protocol, responding to sealed inference requests with
 //! deterministic text.
 //!
 //! One Tokio task per provider runs the connection loop (connect, `register`,
@@ -36,8 +36,9 @@ pub use completion::{
 
 use session::SessionEnd;
 
-/// How a simulated provider answers the next inference requests. Each request reads
-/// the behavior once, when it arrives, so a change affects only later requests.
+/// Response mode a simulated provider applies to the next inference requests.
+/// Each request reads the behavior once, when it arrives, so a change affects only
+/// later requests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Behavior {
     /// Accept, stream the deterministic completion, then send `inference_complete`.
@@ -149,9 +150,9 @@ pub struct SimStats {
     /// Requests dropped without a reply because their body did not open with the
     /// provider's key or was not JSON, as the provider agent does.
     pub requests_undecryptable: u64,
-    /// Requests answered with `inference_complete`.
+    /// Requests that ended with `inference_complete`.
     pub completed: u64,
-    /// Requests answered with `inference_error`.
+    /// Requests that ended with `inference_error`.
     pub errors_sent: u64,
     /// Completion tokens of completed requests.
     pub tokens_generated: u64,
@@ -255,7 +256,7 @@ impl SimProvider {
         &self.shared.config.name
     }
 
-    /// The provider's X25519 public key, standard base64 as sent in `register`.
+    /// Returns the provider's X25519 public key, standard base64 as sent in `register`.
     pub fn public_key(&self) -> &str {
         &self.shared.public_key
     }
@@ -264,7 +265,7 @@ impl SimProvider {
         self.shared.behavior()
     }
 
-    /// Sets how requests that arrive from now on are answered.
+    /// Sets the behavior for requests that arrive from now on.
     pub fn set_behavior(&self, behavior: Behavior) {
         *lock(&self.shared.behavior) = behavior;
     }
@@ -302,7 +303,7 @@ impl SimProvider {
         self.wait_until(|stats| stats.registrations >= count).await;
     }
 
-    /// Whether the connection loop is still running.
+    /// Returns whether the connection loop is still running.
     pub fn is_running(&self) -> bool {
         self.task.as_ref().is_some_and(|task| !task.is_finished())
     }
@@ -341,7 +342,11 @@ async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
         match session::run(&shared, &shutdown).await {
             SessionEnd::Shutdown => break,
             SessionEnd::ConnectFailed(error) => {
-                tracing::warn!(url = %config.url, error = %error, "failed to connect to coordinator");
+                tracing::warn!(
+                    url = %config.url,
+                    error = %error,
+                    "failed to connect to coordinator"
+                );
             }
             SessionEnd::Ended(reason) => {
                 tracing::info!(reason = %reason, "connection to coordinator ended");

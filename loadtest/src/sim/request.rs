@@ -22,15 +22,16 @@ use super::{ActiveRequest, Behavior, Shared, lock};
 
 #[derive(Debug, thiserror::Error)]
 enum OpenError {
-    #[error("invalid coordinator public key")]
-    InvalidPeerKey(#[source] SealError),
-    #[error("body did not open with the provider key")]
-    Seal(#[source] SealError),
+    #[error("invalid coordinator public key: {0}")]
+    InvalidPeerKey(SealError),
+    #[error("failed to open the body: {0}")]
+    Seal(SealError),
+    // The JSON error is left out because its text could quote the plaintext.
     #[error("body is not JSON")]
-    NotJson(#[source] serde_json::Error),
+    NotJson,
 }
 
-/// Opens `inference`'s body and, if it opens, spawns the task that answers it. A
+/// Opens `inference`'s body and, if it opens, spawns the task that responds to it. A
 /// body that does not open is dropped without a reply, as the provider agent does,
 /// so the coordinator's first-response timeout handles it.
 pub(super) fn start(
@@ -45,7 +46,11 @@ pub(super) fn start(
     let (peer, body) = match open_body(shared, &inference.encrypted_body) {
         Ok(opened) => opened,
         Err(error) => {
-            tracing::warn!(request.id = %request_id, %error, "dropped an inference request that could not be opened");
+            tracing::warn!(
+                request.id = %request_id,
+                %error,
+                "dropped an inference request that could not be opened"
+            );
             shared.update_stats(|stats| stats.requests_undecryptable += 1);
             return;
         }
@@ -55,7 +60,10 @@ pub(super) fn start(
 
     let cancel = CancellationToken::new();
     if !track(shared, &request_id, &chat.model, &cancel) {
-        tracing::warn!(request.id = %request_id, "ignored a second inference request with an id already in flight");
+        tracing::warn!(
+            request.id = %request_id,
+            "ignored a second inference request with an id already in flight"
+        );
         return;
     }
     let guard = ActiveGuard {
@@ -101,7 +109,7 @@ fn open_body(shared: &Shared, sealed: &EncryptedPayload) -> Result<(PeerKey, Val
         .key_pair
         .open(&peer, &sealed.ciphertext)
         .map_err(OpenError::Seal)?;
-    let body = serde_json::from_slice(&plaintext).map_err(OpenError::NotJson)?;
+    let body = serde_json::from_slice(&plaintext).map_err(|_| OpenError::NotJson)?;
     Ok((peer, body))
 }
 
@@ -147,7 +155,7 @@ impl Drop for ActiveGuard {
     }
 }
 
-/// How a response ended before `inference_complete`.
+/// Reason a response ended before `inference_complete`.
 enum Stop {
     Cancelled,
     /// The connection was dropped on purpose.
@@ -171,7 +179,7 @@ struct Generation {
 
 impl Generation {
     async fn run(mut self) {
-        match self.answer().await {
+        match self.respond().await {
             Ok(()) | Err(Stop::Dropped | Stop::ConnectionGone) => {}
             Err(Stop::Cancelled) => {
                 tracing::info!(
@@ -184,7 +192,7 @@ impl Generation {
         }
     }
 
-    async fn answer(&mut self) -> Result<(), Stop> {
+    async fn respond(&mut self) -> Result<(), Stop> {
         let accepted = InferenceAccepted {
             request_id: self.request_id.clone(),
         };
@@ -299,7 +307,7 @@ impl Generation {
         };
 
         // Counted before sending, so a test that reads `inference_complete` off the
-        // wire already sees the counters.
+        // wire reads counters that include it.
         self.shared.update_stats(|stats| {
             stats.completed += 1;
             stats.tokens_generated += completion_tokens;
@@ -315,7 +323,7 @@ impl Generation {
     }
 
     async fn send_error(&mut self, status_code: i64, error: String) -> Result<(), Stop> {
-        tracing::info!(status_code, error = %error, "answering inference request with an error");
+        tracing::info!(status_code, error = %error, "sending inference_error");
         let message = InferenceError {
             request_id: self.request_id.clone(),
             error,
@@ -338,7 +346,10 @@ impl Generation {
     }
 
     fn drop_due(&self) -> bool {
-        matches!(self.behavior, Behavior::DropAfterChunks(limit) if self.content_chunks_sent >= limit)
+        match self.behavior {
+            Behavior::DropAfterChunks(limit) => self.content_chunks_sent >= limit,
+            _ => false,
+        }
     }
 
     /// Asks the connection to close without a close frame, and returns why the

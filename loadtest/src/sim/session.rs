@@ -49,11 +49,11 @@ pub(super) enum SessionEnd {
 pub(super) enum ConnectError {
     #[error("connect timed out after {} ms", .0.as_millis())]
     TimedOut(Duration),
-    #[error("WebSocket handshake failed")]
-    Handshake(#[source] tungstenite::Error),
+    #[error("WebSocket handshake failed: {0}")]
+    Handshake(tungstenite::Error),
 }
 
-/// Why an established connection ended.
+/// Reason an established connection ended.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum EndReason {
     #[error("coordinator sent a close frame (code {code:?})")]
@@ -61,7 +61,7 @@ pub(super) enum EndReason {
     #[error("connection closed without a close frame")]
     StreamEnded,
     #[error("WebSocket error: {0}")]
-    Failed(#[source] tungstenite::Error),
+    Failed(tungstenite::Error),
     #[error("dropped on purpose by the configured behavior")]
     Dropped,
 }
@@ -78,7 +78,8 @@ pub(super) async fn run(shared: &Arc<Shared>, shutdown: &CancellationToken) -> S
             Ok(Ok((socket, _response))) => socket,
             Ok(Err(error)) => return SessionEnd::ConnectFailed(ConnectError::Handshake(error)),
             Err(_elapsed) => {
-                return SessionEnd::ConnectFailed(ConnectError::TimedOut(shared.config.connect_timeout));
+                let limit = shared.config.connect_timeout;
+                return SessionEnd::ConnectFailed(ConnectError::TimedOut(limit));
             }
         },
     };
@@ -157,12 +158,13 @@ async fn serve(
                         close(&mut socket).await;
                         return SessionEnd::Ended(EndReason::CloseFrame { code });
                     }
-                    // tungstenite answers pings itself; the provider agent ignores
-                    // binary frames.
+                    // tungstenite replies to pings itself, and the provider agent
+                    // ignores binary frames.
                     Some(Ok(_)) => continue,
                 };
 
-                let Some(reply) = handle_text(shared, text.as_str(), &outbound_tx, &mut requests) else {
+                let reply = handle_text(shared, text.as_str(), &outbound_tx, &mut requests);
+                let Some(reply) = reply else {
                     continue;
                 };
                 if let Err(error) = send(&mut socket, &reply).await {
