@@ -166,7 +166,7 @@ enum LoadtestCommand {
 
 #[derive(Args)]
 struct ProviderArgs {
-    /// Router base URL, for example `http://127.0.0.1:8080`.
+    /// Router base URL, for example `http://127.0.0.1:8080` (or a `ws://` URL).
     #[arg(long)]
     router: String,
     /// Model the providers serve; repeat for several.
@@ -316,33 +316,13 @@ async fn run_router(args: RouterArgs) -> anyhow::Result<()> {
 }
 
 async fn run_providers(args: ProviderArgs) -> anyhow::Result<()> {
-    let base = args.router.trim_end_matches('/');
-    let url = match base.strip_prefix("http://") {
-        Some(rest) => format!("ws://{rest}/ws/provider"),
-        None if base.starts_with("ws://") => format!("{base}/ws/provider"),
-        None => anyhow::bail!(
-            "invalid --router `{}`: expected http://HOST:PORT",
-            args.router
-        ),
-    };
+    let mut command = switchyard_loadtest::ProviderCommandArgs::new(args.router, args.models);
+    command.count = args.count;
+    command.token_rate = args.token_rate;
+    command.heartbeat_secs = args.heartbeat_secs;
+    command.auth_token = args.auth_token;
 
-    let shutdown = shutdown_on_signal();
-    let providers: Vec<_> = (0..args.count)
-        .map(|index| {
-            let mut config =
-                switchyard_loadtest::sim::SimProviderConfig::new(url.clone(), args.models.clone());
-            config.name = format!("sim-provider-{index}");
-            config.token_rate = args.token_rate;
-            config.heartbeat_interval = Duration::from_secs(args.heartbeat_secs.max(1));
-            config.auth_token = args.auth_token.clone();
-            switchyard_loadtest::sim::SimProvider::spawn_with_shutdown(config, &shutdown)
-        })
-        .collect();
-    info!(count = providers.len(), %url, "simulated providers started");
-
-    shutdown.cancelled().await;
-    for provider in providers {
-        provider.stop().await;
-    }
+    let summary = switchyard_loadtest::run_provider_command(command, shutdown_on_signal()).await?;
+    info!(?summary, "simulated providers stopped");
     Ok(())
 }

@@ -1,6 +1,11 @@
 //! Invalid requests: each gets an OpenAI-style error with the right status, and
 //! nothing is held or charged.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails loudly on any unexpected error"
+)]
+
 mod common;
 
 use serde_json::{Value, json};
@@ -9,6 +14,15 @@ use switchyard_shared::catalog::Catalog;
 use switchyard_shared::money::MicroUsd;
 
 use common::MODEL;
+
+/// One invalid request and the error it must get.
+struct Case {
+    name: &'static str,
+    key: Option<String>,
+    content_type: Option<&'static str>,
+    body: Vec<u8>,
+    expected: Expected,
+}
 
 struct Expected {
     status: u16,
@@ -67,130 +81,133 @@ async fn malformed_requests_are_rejected() {
     let mut options = common::options(1);
     options.max_body_bytes = 4096;
     let cluster = common::start(options).await;
-    let key = Some(cluster.api_key.as_str());
-    let json = Some("application/json");
     let messages = json!([{"role": "user", "content": "hi"}]);
+
+    let api_key = Some(cluster.api_key.clone());
+    let wrong_key = Some("sy_not_a_real_key".to_owned());
+    let json = Some("application/json");
+    let valid = |model: &str| json_bytes(json!({"model": model, "messages": messages}));
     let balance = common::balance(&cluster).await;
 
-    let cases: Vec<(&str, Option<&str>, Option<&str>, Vec<u8>, Expected)> = vec![
-        (
-            "invalid JSON",
-            key,
-            json,
-            b"{\"model\":".to_vec(),
-            Expected {
+    let cases = vec![
+        Case {
+            name: "invalid JSON",
+            key: api_key.clone(),
+            content_type: json,
+            body: b"{\"model\":".to_vec(),
+            expected: Expected {
                 status: 400,
                 code: "invalid_json",
                 param: None,
             },
-        ),
-        (
-            "form body",
-            key,
-            Some("application/x-www-form-urlencoded"),
-            b"model=x".to_vec(),
-            Expected {
+        },
+        Case {
+            name: "form body",
+            key: api_key.clone(),
+            content_type: Some("application/x-www-form-urlencoded"),
+            body: b"model=x".to_vec(),
+            expected: Expected {
                 status: 415,
                 code: "unsupported_media_type",
                 param: None,
             },
-        ),
-        (
-            "missing model",
-            key,
-            json,
-            json_bytes(json!({"messages": messages})),
-            Expected {
+        },
+        Case {
+            name: "missing model",
+            key: api_key.clone(),
+            content_type: json,
+            body: json_bytes(json!({"messages": messages})),
+            expected: Expected {
                 status: 400,
                 code: "invalid_request",
                 param: Some("model"),
             },
-        ),
-        (
-            "empty model",
-            key,
-            json,
-            json_bytes(json!({"model": "", "messages": messages})),
-            Expected {
+        },
+        Case {
+            name: "empty model",
+            key: api_key.clone(),
+            content_type: json,
+            body: valid(""),
+            expected: Expected {
                 status: 400,
                 code: "invalid_request",
                 param: Some("model"),
             },
-        ),
-        (
-            "missing messages",
-            key,
-            json,
-            json_bytes(json!({"model": MODEL})),
-            Expected {
+        },
+        Case {
+            name: "missing messages",
+            key: api_key.clone(),
+            content_type: json,
+            body: json_bytes(json!({"model": MODEL})),
+            expected: Expected {
                 status: 400,
                 code: "invalid_request",
                 param: Some("messages"),
             },
-        ),
-        (
-            "empty messages",
-            key,
-            json,
-            json_bytes(json!({"model": MODEL, "messages": []})),
-            Expected {
+        },
+        Case {
+            name: "empty messages",
+            key: api_key.clone(),
+            content_type: json,
+            body: json_bytes(json!({"model": MODEL, "messages": []})),
+            expected: Expected {
                 status: 400,
                 code: "invalid_request",
                 param: Some("messages"),
             },
-        ),
-        (
-            "unknown model",
-            key,
-            json,
-            json_bytes(json!({"model": "no/such-model", "messages": messages})),
-            Expected {
+        },
+        Case {
+            name: "unknown model",
+            key: api_key.clone(),
+            content_type: json,
+            body: valid("no/such-model"),
+            expected: Expected {
                 status: 404,
                 code: "model_not_found",
                 param: None,
             },
-        ),
-        (
-            "missing key",
-            None,
-            json,
-            json_bytes(json!({"model": MODEL, "messages": messages})),
-            Expected {
+        },
+        Case {
+            name: "missing key",
+            key: None,
+            content_type: json,
+            body: valid(MODEL),
+            expected: Expected {
                 status: 401,
                 code: "invalid_api_key",
                 param: None,
             },
-        ),
-        (
-            "wrong key",
-            Some("sy_not_a_real_key"),
-            json,
-            json_bytes(json!({"model": MODEL, "messages": messages})),
-            Expected {
+        },
+        Case {
+            name: "wrong key",
+            key: wrong_key,
+            content_type: json,
+            body: valid(MODEL),
+            expected: Expected {
                 status: 401,
                 code: "invalid_api_key",
                 param: None,
             },
-        ),
-        (
-            "oversized body",
-            key,
-            json,
-            json_bytes(
+        },
+        Case {
+            name: "oversized body",
+            key: api_key.clone(),
+            content_type: json,
+            body: json_bytes(
                 json!({"model": MODEL, "messages": [{"role": "user", "content": "x".repeat(5000)}]}),
             ),
-            Expected {
+            expected: Expected {
                 status: 413,
                 code: "payload_too_large",
                 param: None,
             },
-        ),
+        },
     ];
 
-    for (name, key, content_type, body, expected) in cases {
-        println!("case: {name}");
-        let response = send(&cluster, key, content_type, body).await;
-        assert_rejected(&cluster, response, expected).await;
+    for case in cases {
+        println!("case: {}", case.name);
+        let response = send(&cluster, case.key.as_deref(), case.content_type, case.body).await;
+        assert_rejected(&cluster, response, case.expected).await;
     }
     assert_eq!(common::balance(&cluster).await, balance);
     cluster.shutdown().await;

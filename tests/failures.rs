@@ -1,6 +1,11 @@
 //! Provider and consumer failures: failover before the first content chunk, an
 //! error event after it, and cancellation when the consumer leaves.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails loudly on any unexpected error"
+)]
+
 mod common;
 
 use std::time::Duration;

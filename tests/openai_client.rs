@@ -1,6 +1,11 @@
 //! The official OpenAI client library against an in-process cluster: streaming and
 //! non-streaming chat completions, their text and usage, and what they cost.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails loudly on any unexpected error"
+)]
+
 mod common;
 
 use async_openai::Client;
