@@ -12,7 +12,7 @@ use switchyard_loadtest::sim::{SimProvider, SimProviderConfig};
 use switchyard_router::{NodeAddress, RouterConfig, RouterState};
 use switchyard_shared::catalog::Catalog;
 use switchyard_shared::ids::{AccountId, NodeId};
-use switchyard_shared::ledger::{Ledger, MemoryLedger, generate_secret};
+use switchyard_shared::ledger::{Ledger, MemoryLedger, PgLedger, SecretHash, generate_secret};
 use switchyard_shared::money::MicroUsd;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
@@ -39,6 +39,11 @@ pub struct DevOptions {
     pub node_template: Option<NodeConfig>,
     /// Largest request body the router accepts, in bytes.
     pub max_body_bytes: usize,
+    /// Postgres URL of the ledger; the in-memory ledger when `None`. The schema is
+    /// migrated at start, since this is a development cluster.
+    pub database_url: Option<String>,
+    /// Token of the router's admin endpoints; they are disabled when `None`.
+    pub admin_token: Option<String>,
 }
 
 impl Default for DevOptions {
@@ -54,6 +59,8 @@ impl Default for DevOptions {
             completion_tokens: 16,
             node_template: None,
             max_body_bytes: 10 * 1024 * 1024,
+            database_url: None,
+            admin_token: None,
         }
     }
 }
@@ -71,7 +78,7 @@ pub struct DevCluster {
     pub provider_account: AccountId,
     /// Provider token linked to `provider_account`.
     pub provider_token: String,
-    pub ledger: Arc<MemoryLedger>,
+    pub ledger: Arc<dyn Ledger>,
     pub nodes: Vec<Arc<NodeState>>,
     pub router: Arc<RouterState>,
     pub providers: Vec<SimProvider>,
@@ -85,20 +92,27 @@ impl DevCluster {
     pub async fn start(options: DevOptions) -> anyhow::Result<Self> {
         let shutdown = CancellationToken::new();
         let cluster_token = generate_secret("sy_cluster_");
-        let ledger = Arc::new(MemoryLedger::new());
-        let shared_ledger: Arc<dyn Ledger> = ledger.clone();
+        let ledger = open_ledger(options.database_url.as_deref()).await?;
 
         let account = AccountId::from("dev");
-        ledger.credit(&account, options.balance);
-        let api_key = match &options.api_key {
-            Some(key) => {
-                ledger.add_api_key(&account, key);
-                key.clone()
-            }
-            None => ledger.issue_api_key(&account),
-        };
+        let api_key = options
+            .api_key
+            .clone()
+            .unwrap_or_else(|| generate_secret(switchyard_shared::ledger::API_KEY_PREFIX));
+        ledger.create_account(&account).await?;
+        ledger
+            .credit(
+                &account,
+                options.balance,
+                &format!("dev-seed:{}", SecretHash::of(&api_key).to_hex()),
+            )
+            .await?;
+        ledger.add_api_key(&account, &api_key, "dev").await?;
+
         let provider_account = AccountId::from("dev-provider");
-        let provider_token = ledger.issue_provider_token(&provider_account);
+        ledger.create_account(&provider_account).await?;
+        let provider_token = ledger.issue_provider_token(&provider_account).await?.secret;
+        let shared_ledger = ledger.clone();
 
         let mut servers = JoinSet::new();
         let mut nodes = Vec::new();
@@ -137,6 +151,7 @@ impl DevCluster {
         let router_address = listener.local_addr()?;
         let mut router_config = RouterConfig::new(addresses, cluster_token);
         router_config.max_body_bytes = options.max_body_bytes;
+        router_config.admin_token = options.admin_token.clone();
         let router = RouterState::new(router_config, options.catalog.clone(), shared_ledger);
         let router_shutdown = router.shutdown.clone();
         let root = shutdown.clone();
@@ -198,6 +213,20 @@ impl DevCluster {
         }
         while self.servers.join_next().await.is_some() {}
     }
+}
+
+/// Opens the Postgres ledger at `url` and migrates it, or makes an in-memory one.
+async fn open_ledger(url: Option<&str>) -> anyhow::Result<Arc<dyn Ledger>> {
+    let Some(url) = url else {
+        return Ok(Arc::new(MemoryLedger::new()));
+    };
+    let ledger = PgLedger::connect_lazy(url, 16).context("invalid DATABASE_URL")?;
+    ledger
+        .migrate()
+        .await
+        .context("failed to migrate the ledger database")?;
+    info!("using the Postgres ledger");
+    Ok(Arc::new(ledger))
 }
 
 /// Starts the simulated providers. Each serves every enabled catalog model, with a

@@ -13,7 +13,7 @@ use switchyard_coordinator::{NodeConfig, NodeState, TrustLevel};
 use switchyard_router::{NodeAddress, RouterConfig, RouterState};
 use switchyard_shared::catalog::Catalog;
 use switchyard_shared::ids::{AccountId, NodeId};
-use switchyard_shared::ledger::{Ledger, MemoryLedger};
+use switchyard_shared::ledger::{Ledger, MemoryLedger, PgLedger};
 use switchyard_shared::money::MicroUsd;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -44,6 +44,54 @@ enum Command {
     /// Generate load against a cluster.
     #[command(subcommand)]
     Loadtest(LoadtestCommand),
+    /// Apply the ledger's database migrations.
+    Migrate(MigrateArgs),
+    /// Manage accounts, keys and provider tokens in the ledger database.
+    Admin(AdminArgs),
+}
+
+#[derive(Args)]
+struct AdminArgs {
+    /// Postgres URL of the ledger.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+    #[command(subcommand)]
+    command: AdminCommand,
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Create an account with a zero balance.
+    CreateAccount { id: String },
+    /// Add money to an account, once per reference.
+    Credit {
+        id: String,
+        /// Decimal US dollars, for example 12.50.
+        #[arg(long)]
+        usd: String,
+        /// Idempotency reference: a second credit with the same one is ignored.
+        #[arg(long)]
+        reference: String,
+    },
+    /// Issue an API key; it is printed once and stored only as a hash.
+    IssueKey {
+        id: String,
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// Revoke the API key with this display prefix.
+    RevokeKey { prefix: String },
+    /// Issue a provider token that links a provider's earnings to the account.
+    IssueProviderToken { id: String },
+    /// Print an account's balance.
+    Balance { id: String },
+}
+
+#[derive(Args)]
+struct MigrateArgs {
+    /// Postgres URL of the ledger.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
 }
 
 #[derive(Args)]
@@ -66,6 +114,9 @@ struct DevArgs {
     /// Balance of the dev account, in whole US dollars.
     #[arg(long, default_value_t = 100)]
     balance_usd: i64,
+    /// Postgres URL of the ledger; the in-memory ledger when absent.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
     #[command(flatten)]
     catalog: CatalogArgs,
 }
@@ -88,10 +139,21 @@ impl CatalogArgs {
     }
 }
 
-/// A dev account seeded into a role's in-memory ledger.
+/// Where a standalone role keeps its ledger.
 #[derive(Args)]
-struct SeedArgs {
-    /// API key accepted by this process's in-memory ledger.
+struct LedgerArgs {
+    /// Postgres URL of the shared ledger. Without it the role uses an in-memory
+    /// ledger of its own, seeded with `--dev-api-key`.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Most Postgres connections this process opens.
+    #[arg(
+        long,
+        default_value_t = 16,
+        env = "SWITCHYARD_DATABASE_MAX_CONNECTIONS"
+    )]
+    database_max_connections: u32,
+    /// API key accepted by the in-memory ledger (ignored with a database).
     #[arg(long, env = "SWITCHYARD_DEV_API_KEY", hide_env_values = true)]
     dev_api_key: Option<String>,
     /// Balance of that key's account, in whole US dollars.
@@ -99,19 +161,36 @@ struct SeedArgs {
     dev_balance_usd: i64,
 }
 
-impl SeedArgs {
-    /// Builds the in-memory ledger of a standalone role.
+impl LedgerArgs {
+    /// Opens the shared ledger and checks its schema, or builds the in-memory one.
     ///
-    /// NOTE: each process has its own in-memory ledger, so balances are not shared
-    /// between standalone routers and nodes; only `switchyard dev` shares one.
-    fn ledger(&self) -> Arc<dyn Ledger> {
+    /// NOTE: each process has its own in-memory ledger, so without a database
+    /// balances are not shared between standalone routers and nodes.
+    async fn open(&self) -> anyhow::Result<Arc<dyn Ledger>> {
+        if let Some(url) = &self.database_url {
+            let ledger = PgLedger::connect_lazy(url, self.database_max_connections)
+                .context("invalid DATABASE_URL")?;
+            ledger
+                .check_schema()
+                .await
+                .context("the ledger database is not ready")?;
+            return Ok(Arc::new(ledger));
+        }
+
         let ledger = MemoryLedger::new();
         if let Some(key) = &self.dev_api_key {
             let account = AccountId::from("dev");
-            ledger.credit(&account, MicroUsd::from_usd(self.dev_balance_usd));
-            ledger.add_api_key(&account, key);
+            ledger.create_account(&account).await?;
+            ledger
+                .credit(
+                    &account,
+                    MicroUsd::from_usd(self.dev_balance_usd),
+                    "dev-seed",
+                )
+                .await?;
+            ledger.add_api_key(&account, key, "dev").await?;
         }
-        Arc::new(ledger)
+        Ok(Arc::new(ledger))
     }
 }
 
@@ -135,7 +214,7 @@ struct CoordinatorArgs {
     #[command(flatten)]
     catalog: CatalogArgs,
     #[command(flatten)]
-    seed: SeedArgs,
+    ledger: LedgerArgs,
 }
 
 #[derive(Args)]
@@ -152,10 +231,13 @@ struct RouterArgs {
     /// Largest request body, in bytes.
     #[arg(long, default_value_t = 10 * 1024 * 1024, env = "SWITCHYARD_MAX_BODY_BYTES")]
     max_body_bytes: usize,
+    /// Bearer token of the admin endpoints; they are disabled without one.
+    #[arg(long, env = "SWITCHYARD_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
     #[command(flatten)]
     catalog: CatalogArgs,
     #[command(flatten)]
-    seed: SeedArgs,
+    ledger: LedgerArgs,
 }
 
 #[derive(Subcommand)]
@@ -190,7 +272,9 @@ struct ProviderArgs {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let default_format = match cli.command {
-        Command::Dev(_) | Command::Loadtest(_) => LogFormat::Pretty,
+        Command::Dev(_) | Command::Loadtest(_) | Command::Migrate(_) | Command::Admin(_) => {
+            LogFormat::Pretty
+        }
         Command::Coordinator(_) | Command::Router(_) => LogFormat::Json,
     };
     telemetry::init(cli.log_format.unwrap_or(default_format));
@@ -200,6 +284,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Coordinator(args) => run_coordinator(args).await,
         Command::Router(args) => run_router(args).await,
         Command::Loadtest(LoadtestCommand::Provider(args)) => run_providers(args).await,
+        Command::Migrate(args) => run_migrate(args).await,
+        Command::Admin(args) => run_admin(args).await,
     }
 }
 
@@ -240,6 +326,70 @@ async fn wait_for_signal() {
     }
 }
 
+async fn run_migrate(args: MigrateArgs) -> anyhow::Result<()> {
+    let ledger = PgLedger::connect_lazy(&args.database_url, 2).context("invalid DATABASE_URL")?;
+    ledger.migrate().await.context("migration failed")?;
+    info!("ledger schema is up to date");
+    Ok(())
+}
+
+async fn run_admin(args: AdminArgs) -> anyhow::Result<()> {
+    let ledger = PgLedger::connect_lazy(&args.database_url, 2).context("invalid DATABASE_URL")?;
+    ledger
+        .check_schema()
+        .await
+        .context("the ledger database is not ready")?;
+
+    match args.command {
+        AdminCommand::CreateAccount { id } => {
+            ledger.create_account(&AccountId::new(&id)).await?;
+            println!("account {id} exists");
+        }
+        AdminCommand::Credit { id, usd, reference } => {
+            let amount =
+                MicroUsd::parse_usd(&usd).with_context(|| format!("invalid --usd `{usd}`"))?;
+            let balance = ledger
+                .credit(&AccountId::new(&id), amount, &format!("admin:{reference}"))
+                .await?;
+            println!(
+                "account {id}: balance {} USD, available {} USD",
+                balance.balance,
+                balance.available()
+            );
+        }
+        AdminCommand::IssueKey { id, name } => {
+            let issued = ledger.issue_api_key(&AccountId::new(&id), &name).await?;
+            println!("{}", issued.secret);
+            eprintln!(
+                "Store this key now: it is not shown again. Prefix: {}",
+                issued.display_prefix
+            );
+        }
+        AdminCommand::RevokeKey { prefix } => {
+            ledger.revoke_api_key(&prefix).await?;
+            println!("revoked the API key with prefix {prefix}");
+        }
+        AdminCommand::IssueProviderToken { id } => {
+            let issued = ledger.issue_provider_token(&AccountId::new(&id)).await?;
+            println!("{}", issued.secret);
+            eprintln!(
+                "Store this token now: it is not shown again. Prefix: {}",
+                issued.display_prefix
+            );
+        }
+        AdminCommand::Balance { id } => {
+            let balance = ledger.balance(&AccountId::new(&id)).await?;
+            println!(
+                "account {id}: balance {} USD, held {} USD, available {} USD",
+                balance.balance,
+                balance.held,
+                balance.available()
+            );
+        }
+    }
+    Ok(())
+}
+
 async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
     let options = DevOptions {
         listen: args.listen,
@@ -249,6 +399,7 @@ async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
         balance: MicroUsd::from_usd(args.balance_usd),
         catalog: args.catalog.load()?,
         token_rate: args.token_rate,
+        database_url: args.database_url,
         ..DevOptions::default()
     };
     let model = options
@@ -281,7 +432,7 @@ async fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     config.min_trust = args.min_trust;
     config.heartbeat_timeout = Duration::from_secs(args.heartbeat_timeout_secs.max(1));
 
-    let state = NodeState::new(config, args.catalog.load()?, args.seed.ledger());
+    let state = NodeState::new(config, args.catalog.load()?, args.ledger.open().await?);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("failed to bind {}", args.listen))?;
@@ -299,8 +450,9 @@ async fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
 async fn run_router(args: RouterArgs) -> anyhow::Result<()> {
     let mut config = RouterConfig::new(args.nodes, args.cluster_token);
     config.max_body_bytes = args.max_body_bytes;
+    config.admin_token = args.admin_token;
 
-    let state = RouterState::new(config, args.catalog.load()?, args.seed.ledger());
+    let state = RouterState::new(config, args.catalog.load()?, args.ledger.open().await?);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("failed to bind {}", args.listen))?;
@@ -322,7 +474,6 @@ async fn run_providers(args: ProviderArgs) -> anyhow::Result<()> {
     command.heartbeat_secs = args.heartbeat_secs;
     command.auth_token = args.auth_token;
 
-    let summary = switchyard_loadtest::run_provider_command(command, shutdown_on_signal()).await?;
-    info!(?summary, "simulated providers stopped");
+    switchyard_loadtest::run_provider_command(command, shutdown_on_signal()).await?;
     Ok(())
 }

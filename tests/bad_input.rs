@@ -68,7 +68,7 @@ async fn assert_rejected(cluster: &DevCluster, response: reqwest::Response, expe
         assert!(retry_after.is_some(), "{status} needs Retry-After");
     }
 
-    assert_eq!(cluster.ledger.open_holds(), 0, "nothing held");
+    assert_eq!(common::held(cluster).await.get(), 0, "nothing held");
     assert_eq!(common::balance(cluster).await, before, "nothing charged");
 }
 

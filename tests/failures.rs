@@ -102,7 +102,7 @@ async fn provider_drop_mid_stream_ends_with_error() {
         0,
         "and earns nothing"
     );
-    assert_eq!(cluster.ledger.open_holds(), 0);
+    assert_eq!(common::held(&cluster).await.get(), 0);
     cluster.shutdown().await;
 }
 
@@ -120,7 +120,7 @@ async fn provider_drop_non_streaming_is_bad_gateway() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "provider_error");
     assert_eq!(common::balance(&cluster).await, before);
-    assert_eq!(cluster.ledger.open_holds(), 0);
+    assert_eq!(common::held(&cluster).await.get(), 0);
     cluster.shutdown().await;
 }
 
@@ -204,7 +204,7 @@ async fn consumer_disconnect_cancels_provider() {
     })
     .await;
     common::eventually("the hold is settled", async || {
-        cluster.ledger.open_holds() == 0
+        common::held(&cluster).await.get() == 0
     })
     .await;
 

@@ -80,7 +80,7 @@ async fn assert_billed(
         split.provider_earning,
         "provider credited"
     );
-    assert_eq!(cluster.ledger.open_holds(), 0, "no hold left open");
+    assert_eq!(common::held(cluster).await.get(), 0, "no hold left open");
 }
 
 #[tokio::test]

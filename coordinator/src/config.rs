@@ -56,6 +56,14 @@ pub struct NodeConfig {
     pub queue_timeout: Duration,
     /// Largest accepted request body, in bytes.
     pub max_body_bytes: usize,
+    /// How long a settlement is retried while the ledger is unavailable, before
+    /// the request ends with an error and its hold is left to the sweeper.
+    pub settle_retry_window: Duration,
+    /// Holds open longer than this are released by the sweeper: their node died.
+    /// Must exceed the longest request.
+    pub hold_timeout: Duration,
+    /// Time between sweeps for stale holds; zero disables the sweeper.
+    pub sweep_interval: Duration,
 }
 
 impl NodeConfig {
@@ -74,6 +82,11 @@ impl NodeConfig {
             queue_capacity: 10,
             queue_timeout: Duration::from_secs(30),
             max_body_bytes: 10 * 1024 * 1024,
+            settle_retry_window: Duration::from_secs(30),
+            // NOTE: a stream may last longer than this; until nodes can tell a
+            // dead node's holds apart by membership, keep it generous.
+            hold_timeout: Duration::from_secs(3600),
+            sweep_interval: Duration::from_secs(60),
         }
     }
 }

@@ -637,9 +637,11 @@ async fn settle(
             .cost(usage.prompt_tokens, usage.completion_tokens),
         platform_fee_bps: job.node.catalog.platform_fee_bps(),
         provider_account: provider.account.clone(),
+        provider_key: provider.public_key_base64.clone(),
+        node_id: job.node.config.node_id.clone(),
         outcome,
     };
-    match job.node.ledger.settle(settlement).await {
+    match settle_with_retry(job, settlement).await {
         Ok(receipt) => {
             log_settlement(&receipt, usage);
             Ok(usage)
@@ -647,6 +649,29 @@ async fn settle(
         Err(error) => {
             error!(error = %error, "settlement failed; the hold stays open");
             Err(settlement_error(&error))
+        }
+    }
+}
+
+/// Settles, retrying while the ledger is unavailable for up to the configured
+/// window. Settlement is idempotent, so a retry after an attempt whose commit
+/// went through but whose answer was lost returns the first receipt.
+async fn settle_with_retry(
+    job: &Job,
+    settlement: Settlement,
+) -> Result<SettlementReceipt, LedgerError> {
+    let deadline = tokio::time::Instant::now() + job.node.config.settle_retry_window;
+    let mut delay = std::time::Duration::from_millis(100);
+    loop {
+        match job.node.ledger.settle(settlement.clone()).await {
+            Err(LedgerError::Unavailable(error))
+                if tokio::time::Instant::now() + delay < deadline =>
+            {
+                warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "settlement failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(2));
+            }
+            result => return result,
         }
     }
 }

@@ -45,9 +45,15 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
+/// Ready when not shutting down and the ledger answers within a second.
 async fn readyz(State(state): State<Arc<NodeState>>) -> Response {
     if state.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    }
+    let ledger =
+        tokio::time::timeout(std::time::Duration::from_secs(1), state.ledger.check()).await;
+    if !matches!(ledger, Ok(Ok(()))) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "ledger unavailable").into_response();
     }
     Json(json!({
         "node_id": state.config.node_id,
@@ -113,10 +119,13 @@ async fn chat_completions(
         .into_response();
     };
 
+    let key_prefix = header_str(&headers, internal::KEY_PREFIX)
+        .unwrap_or_default()
+        .to_owned();
     let span = info_span!("request", request.id = %request_id, account.id = %account_id, model = tracing::field::Empty);
     let request_id = ConsumerRequestId::from(request_id);
     let account_id = AccountId::from(account_id);
-    match handle_chat(state, request_id, account_id, body)
+    match handle_chat(state, request_id, account_id, key_prefix, body)
         .instrument(span)
         .await
     {
@@ -129,6 +138,7 @@ async fn handle_chat(
     state: Arc<NodeState>,
     request_id: ConsumerRequestId,
     account_id: AccountId,
+    key_prefix: String,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let body = request::parse_chat_request(&body)?;
@@ -159,6 +169,7 @@ async fn handle_chat(
         .place_hold(HoldRequest {
             request_id: request_id.clone(),
             account_id: account_id.clone(),
+            key_prefix,
             amount: hold,
             node_id: state.config.node_id.clone(),
         })

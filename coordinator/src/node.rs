@@ -9,7 +9,7 @@ use switchyard_shared::ledger::Ledger;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::NodeConfig;
 use crate::provider::ProviderHandle;
@@ -72,6 +72,10 @@ pub async fn serve(listener: TcpListener, state: Arc<NodeState>) -> std::io::Res
     let address = listener.local_addr()?;
     info!(node.id = %state.config.node_id, %address, "coordinator node listening");
 
+    if !state.config.sweep_interval.is_zero() {
+        state.tasks.spawn(sweep_stale_holds(state.clone()));
+    }
+
     let shutdown = state.shutdown.clone();
     let app = crate::http::app(state.clone());
     axum::serve(listener, app)
@@ -82,6 +86,28 @@ pub async fn serve(listener: TcpListener, state: Arc<NodeState>) -> std::io::Res
     state.tasks.wait().await;
     info!(node.id = %state.config.node_id, "coordinator node stopped");
     Ok(())
+}
+
+/// Releases, every `sweep_interval`, the holds that dead nodes left open. The
+/// ledger lets one node sweep at a time.
+async fn sweep_stale_holds(state: Arc<NodeState>) {
+    let mut ticks = tokio::time::interval(state.config.sweep_interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        match state
+            .ledger
+            .release_stale_holds(state.config.hold_timeout)
+            .await
+        {
+            Ok(0) => {}
+            Ok(released) => info!(released, "released stale holds"),
+            Err(error) => warn!(error = %error, "sweeping stale holds failed"),
+        }
+    }
 }
 
 // Both maps are updated by single inserts and removes, so a poisoned lock still

@@ -136,7 +136,8 @@ mod tests {
     async fn cache_resolves_and_rejects_keys() {
         let ledger = Arc::new(MemoryLedger::new());
         let account = AccountId::from("acct");
-        let key = ledger.issue_api_key(&account);
+        ledger.create_account(&account).await.unwrap();
+        let key = ledger.issue_api_key(&account, "test").await.unwrap().secret;
         let cache = KeyCache::new(Duration::from_secs(60), 10);
 
         let info = cache.authenticate(ledger.as_ref(), &key).await.unwrap();

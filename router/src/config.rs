@@ -56,6 +56,8 @@ pub struct RouterConfig {
     pub key_cache_capacity: usize,
     /// Time to connect to a node and receive its response headers.
     pub node_timeout: Duration,
+    /// Bearer token of the admin endpoints; they are disabled without one.
+    pub admin_token: Option<String>,
 }
 
 impl RouterConfig {
@@ -69,6 +71,7 @@ impl RouterConfig {
             // Long enough for a request that waits in a node's queue and then for a
             // non-streaming answer.
             node_timeout: Duration::from_secs(660),
+            admin_token: None,
         }
     }
 }

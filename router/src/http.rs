@@ -25,12 +25,16 @@ pub fn app(state: Arc<RouterState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(list_models))
+        .route("/v1/account", get(crate::account::account))
+        .route("/v1/account/usage", get(crate::account::usage))
+        .merge(crate::admin::routes())
         .route("/ws/provider", get(provider_socket))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         // Bodies are read with their own limit so the 413 is in the API's format.
         .layer(DefaultBodyLimit::disable())
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 
@@ -38,15 +42,31 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
+/// Ready when not shutting down and the ledger answers within a second.
 async fn readyz(State(state): State<Arc<RouterState>>) -> Response {
     if state.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    }
+    let ledger =
+        tokio::time::timeout(std::time::Duration::from_secs(1), state.ledger.check()).await;
+    if !matches!(ledger, Ok(Ok(()))) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "ledger unavailable").into_response();
     }
     "ready".into_response()
 }
 
 async fn not_found() -> ApiError {
     ApiError::new(ErrorKind::NotFound, "no such route")
+}
+
+async fn method_not_allowed() -> Response {
+    let mut response = ApiError::new(
+        ErrorKind::InvalidRequest,
+        "method not allowed on this route",
+    )
+    .into_response();
+    *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+    response
 }
 
 async fn provider_socket(
@@ -106,6 +126,7 @@ async fn chat_completions(
         let forward = Forward {
             request_id: &request_id,
             account_id: &account.account_id,
+            key_prefix: &account.display_prefix,
             api_kind: ApiKind::ChatCompletions,
             model: &model,
             body,
@@ -173,10 +194,12 @@ fn model_of(body: &[u8]) -> Result<String, ApiError> {
     }
 
     let parsed: ModelOnly = serde_json::from_slice(body).map_err(|error| {
-        ApiError::new(
-            ErrorKind::InvalidJson,
-            format!("request body is not valid JSON: {error}"),
-        )
+        let message = match error.classify() {
+            // Valid JSON of the wrong shape, such as an array.
+            serde_json::error::Category::Data => "request body must be a JSON object".to_owned(),
+            _ => format!("request body is not valid JSON: {error}"),
+        };
+        ApiError::new(ErrorKind::InvalidJson, message)
     })?;
     match parsed.model {
         Some(Value::String(model)) if !model.is_empty() => Ok(model),

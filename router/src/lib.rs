@@ -2,10 +2,13 @@
 //! authenticates API keys, picks a coordinator node for each request and streams
 //! its answer back, and pipes provider WebSockets to their home nodes.
 //!
-//! Layout: `http` is the consumer HTTP surface, `auth` API key checks, `proxy`
+//! Layout: `http` is the consumer HTTP surface, `account` the balance and usage
+//! endpoints, `admin` the operator endpoints, `auth` API key checks, `proxy`
 //! request forwarding, `ws_proxy` the provider socket pipe, `state` the shared
 //! state, and `config` the settings.
 
+pub mod account;
+pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod http;

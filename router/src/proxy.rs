@@ -23,6 +23,7 @@ const MAX_NODES_TRIED: usize = 3;
 pub struct Forward<'a> {
     pub request_id: &'a ConsumerRequestId,
     pub account_id: &'a AccountId,
+    pub key_prefix: &'a str,
     pub api_kind: ApiKind,
     pub model: &'a str,
     pub body: Bytes,
@@ -43,6 +44,7 @@ pub async fn forward(state: &RouterState, request: Forward<'_>) -> Response {
             .header(internal::CLUSTER_TOKEN, &state.config.cluster_token)
             .header(internal::REQUEST_ID, request.request_id.as_str())
             .header(internal::ACCOUNT_ID, request.account_id.as_str())
+            .header(internal::KEY_PREFIX, request.key_prefix)
             .header(internal::API_KIND, request.api_kind.as_str())
             .header(internal::MODEL, request.model)
             .body(request.body.clone())

@@ -9,6 +9,8 @@ pub const HEADER_PREFIX: &str = "x-switchyard-";
 pub const CLUSTER_TOKEN: &str = "x-switchyard-cluster-token";
 pub const REQUEST_ID: &str = "x-switchyard-request-id";
 pub const ACCOUNT_ID: &str = "x-switchyard-account-id";
+/// Display prefix of the API key the request came with, for usage records.
+pub const KEY_PREFIX: &str = "x-switchyard-key-prefix";
 pub const API_KIND: &str = "x-switchyard-api-kind";
 pub const MODEL: &str = "x-switchyard-model";
 /// Set by a node on a 503 sent before any byte of the answer, when it has no

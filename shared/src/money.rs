@@ -35,6 +35,27 @@ impl MicroUsd {
         Self(usd * 1_000_000)
     }
 
+    /// Parses a decimal amount of US dollars such as `12.5` or `0.000001`
+    /// exactly. More than six decimals, a negative sign or an amount too large
+    /// for 64 bits is an error.
+    pub fn parse_usd(text: &str) -> Result<MicroUsd, InvalidAmount> {
+        let usd: Decimal = text
+            .trim()
+            .parse()
+            .map_err(|_| InvalidAmount("not a decimal number"))?;
+        if usd.is_sign_negative() {
+            return Err(InvalidAmount("must not be negative"));
+        }
+        let micro = usd * Decimal::from(1_000_000);
+        if micro.fract() != Decimal::ZERO {
+            return Err(InvalidAmount("has more than six decimals"));
+        }
+        micro
+            .to_i64()
+            .map(MicroUsd)
+            .ok_or(InvalidAmount("is too large"))
+    }
+
     pub fn min(self, other: MicroUsd) -> MicroUsd {
         MicroUsd(self.0.min(other.0))
     }
@@ -68,6 +89,11 @@ impl fmt::Display for MicroUsd {
         write!(f, "{sign}{}.{:06}", abs / 1_000_000, abs % 1_000_000)
     }
 }
+
+/// Why a dollar amount could not be parsed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid amount: {0}")]
+pub struct InvalidAmount(&'static str);
 
 /// Token prices of one model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -171,6 +197,17 @@ mod tests {
         let split = FeeSplit::of(MicroUsd::new(1_001), 500);
         assert_eq!(split.platform_fee, MicroUsd::new(50));
         assert_eq!(split.provider_earning, MicroUsd::new(951));
+    }
+
+    #[test]
+    fn parse_usd_is_exact() {
+        assert_eq!(MicroUsd::parse_usd("12.5"), Ok(MicroUsd::new(12_500_000)));
+        assert_eq!(MicroUsd::parse_usd("0.000001"), Ok(MicroUsd::new(1)));
+        assert_eq!(MicroUsd::parse_usd("19.99"), Ok(MicroUsd::new(19_990_000)));
+        assert!(MicroUsd::parse_usd("0.0000001").is_err());
+        assert!(MicroUsd::parse_usd("-1").is_err());
+        assert!(MicroUsd::parse_usd("ten").is_err());
+        assert!(MicroUsd::parse_usd("99999999999999999999").is_err());
     }
 
     #[test]

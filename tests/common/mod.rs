@@ -100,7 +100,6 @@ pub fn streamed_text(events: &[String]) -> String {
 }
 
 pub async fn balance(cluster: &DevCluster) -> MicroUsd {
-    use switchyard_shared::ledger::Ledger as _;
     cluster
         .ledger
         .balance(&cluster.account)
@@ -109,8 +108,17 @@ pub async fn balance(cluster: &DevCluster) -> MicroUsd {
         .balance
 }
 
+/// Part of the dev account's balance reserved by open holds.
+pub async fn held(cluster: &DevCluster) -> MicroUsd {
+    cluster
+        .ledger
+        .balance(&cluster.account)
+        .await
+        .expect("dev account")
+        .held
+}
+
 pub async fn earnings(cluster: &DevCluster) -> MicroUsd {
-    use switchyard_shared::ledger::Ledger as _;
     cluster
         .ledger
         .earnings(&cluster.provider_account)

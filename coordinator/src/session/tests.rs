@@ -8,7 +8,7 @@ use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender, unbounded};
 use serde_json::{Value, json};
 use switchyard_shared::catalog::Catalog;
 use switchyard_shared::ids::{AccountId, ModelId, NodeId, RequestId};
-use switchyard_shared::ledger::MemoryLedger;
+use switchyard_shared::ledger::{Ledger as _, MemoryLedger};
 use switchyard_shared::protocol::{AttestationChallenge, CoordinatorMessage, Usage};
 use switchyard_shared::seal::KeyPair;
 use tokio::task::JoinHandle;
@@ -690,7 +690,8 @@ async fn unknown_request_ids_are_ignored() {
 async fn auth_token_links_account() {
     let ledger = Arc::new(MemoryLedger::new());
     let account = AccountId::from("provider-owner");
-    let token = ledger.issue_provider_token(&account);
+    ledger.create_account(&account).await.unwrap();
+    let token = ledger.issue_provider_token(&account).await.unwrap().secret;
 
     let cases = [
         (token.as_str(), Some(account.clone())),

@@ -1,0 +1,663 @@
+//! The ledger in shared Postgres.
+//!
+//! Every operation that writes more than one row runs in one transaction through
+//! [`PgLedger::transaction`]. Holds, settlements and releases lock the hold row
+//! (`FOR UPDATE`) first, so two nodes settling the same request serialize on it
+//! and the second sees the first one's result. Balance rules are enforced by the
+//! schema as well: `CHECK (balance_micro_usd >= 0)` and the uniqueness of
+//! (account, kind, reference) in `ledger_entries`.
+//!
+//! Postgres errors are classified by SQLSTATE: connection-level failures become
+//! [`LedgerError::Unavailable`], which callers turn into 503s.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{Postgres, Row, Transaction};
+
+use super::{
+    AccountBalance, ApiKeyInfo, EntryKind, HoldRequest, Ledger, LedgerError, SecretHash,
+    Settlement, SettlementPlan, SettlementReceipt, UsageRecord, display_prefix,
+};
+use crate::ids::{AccountId, ConsumerRequestId, ModelId};
+use crate::money::MicroUsd;
+
+/// The migrations this build knows, embedded from `migrations/`.
+pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
+
+/// Advisory lock key held by the node that sweeps stale holds ("SWEEPER" in ASCII).
+const SWEEPER_LOCK_KEY: i64 = 0x5357_4545_5045_52;
+
+/// A ledger backed by a Postgres connection pool.
+#[derive(Clone, Debug)]
+pub struct PgLedger {
+    pool: PgPool,
+}
+
+impl PgLedger {
+    /// Connects to `url` with at most `max_connections`. Connecting is lazy: the
+    /// pool opens connections on first use, so a role can start while Postgres is
+    /// down and recover when it returns.
+    pub fn connect_lazy(url: &str, max_connections: u32) -> Result<Self, LedgerError> {
+        let options: PgConnectOptions = url
+            .parse()
+            .map_err(|error: sqlx::Error| LedgerError::Unavailable(Box::new(error)))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(2))
+            .connect_lazy_with(options);
+        Ok(Self { pool })
+    }
+
+    pub fn from_pool(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies every pending migration.
+    pub async fn migrate(&self) -> Result<(), LedgerError> {
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .map_err(|error| LedgerError::Unavailable(Box::new(error)))
+    }
+
+    /// Fails unless the database has exactly the migrations this build knows.
+    pub async fn check_schema(&self) -> Result<(), LedgerError> {
+        let expected = MIGRATOR
+            .iter()
+            .map(|migration| migration.version)
+            .max()
+            .unwrap_or(0);
+        let applied: Option<i64> =
+            sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&self.pool)
+                .await
+                .or_else(|error| match &error {
+                    // No migrations table: nothing was ever applied.
+                    sqlx::Error::Database(db) if db.code().as_deref() == Some("42P01") => Ok(None),
+                    _ => Err(error),
+                })
+                .map_err(classify)?;
+
+        let found = applied.unwrap_or(0);
+        if found != expected {
+            return Err(LedgerError::SchemaMismatch { found, expected });
+        }
+        Ok(())
+    }
+
+    /// Runs `body` in one transaction, committing if it returns `Ok`.
+    async fn transaction<T, F>(&self, body: F) -> Result<T, LedgerError>
+    where
+        F: for<'t> FnOnce(
+            &'t mut Transaction<'static, Postgres>,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<T, LedgerError>> + Send + 't>,
+        >,
+        T: Send,
+    {
+        let mut transaction = self.pool.begin().await.map_err(classify)?;
+        let value = body(&mut transaction).await?;
+        transaction.commit().await.map_err(classify)?;
+        Ok(value)
+    }
+}
+
+/// Maps a driver error to a ledger error. Connection failures, pool timeouts and
+/// server shutdown are `Unavailable`; so is anything unexpected, since the caller
+/// can only retry.
+fn classify(error: sqlx::Error) -> LedgerError {
+    LedgerError::Unavailable(Box::new(error))
+}
+
+fn is_unique_violation(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"))
+}
+
+/// Adds `amount` to an account's available balance and writes the matching
+/// ledger entry. `held_change` moves the held column in the same update.
+async fn apply_entry(
+    transaction: &mut Transaction<'static, Postgres>,
+    account: &AccountId,
+    kind: EntryKind,
+    reference: &str,
+    amount: MicroUsd,
+    held_change: MicroUsd,
+) -> Result<(), sqlx::Error> {
+    let earning = if kind == EntryKind::Earning {
+        amount.get()
+    } else {
+        0
+    };
+    sqlx::query(
+        "WITH updated AS (
+             UPDATE accounts
+             SET balance_micro_usd = balance_micro_usd + $4,
+                 held_micro_usd = held_micro_usd + $5,
+                 earnings_micro_usd = earnings_micro_usd + $6
+             WHERE id = $1
+             RETURNING balance_micro_usd
+         )
+         INSERT INTO ledger_entries (account_id, kind, reference, amount_micro_usd, balance_after_micro_usd)
+         SELECT $1, $2, $3, $4, balance_micro_usd FROM updated",
+    )
+    .bind(account.as_str())
+    .bind(kind.as_str())
+    .bind(reference)
+    .bind(amount.get())
+    .bind(held_change.get())
+    .bind(earning)
+    .execute(&mut **transaction)
+    .await?;
+    Ok(())
+}
+
+fn to_u64(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+#[async_trait]
+impl Ledger for PgLedger {
+    async fn authenticate(&self, key: SecretHash) -> Result<Option<ApiKeyInfo>, LedgerError> {
+        let row = sqlx::query(
+            "SELECT account_id, display_prefix FROM api_keys
+             WHERE key_hash = $1 AND revoked_at IS NULL",
+        )
+        .bind(key.as_bytes().as_slice())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?;
+
+        Ok(row.map(|row| ApiKeyInfo {
+            account_id: AccountId::new(row.get::<String, _>("account_id")),
+            display_prefix: row.get("display_prefix"),
+        }))
+    }
+
+    async fn provider_account(&self, token: SecretHash) -> Result<Option<AccountId>, LedgerError> {
+        let account: Option<String> = sqlx::query_scalar(
+            "SELECT account_id FROM provider_tokens WHERE token_hash = $1 AND revoked_at IS NULL",
+        )
+        .bind(token.as_bytes().as_slice())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(account.map(AccountId::new))
+    }
+
+    async fn place_hold(&self, hold: HoldRequest) -> Result<(), LedgerError> {
+        if hold.amount < MicroUsd::ZERO {
+            return Err(LedgerError::InvalidAmount(hold.amount));
+        }
+
+        self.transaction(move |transaction| {
+            Box::pin(async move {
+                let inserted = sqlx::query(
+                    "INSERT INTO holds (request_id, account_id, key_prefix, amount_micro_usd, node_id)
+                     SELECT $1, $2, $3, $4, $5 WHERE EXISTS (SELECT 1 FROM accounts WHERE id = $2)
+                     ON CONFLICT (request_id) DO NOTHING",
+                )
+                .bind(hold.request_id.as_str())
+                .bind(hold.account_id.as_str())
+                .bind(&hold.key_prefix)
+                .bind(hold.amount.get())
+                .bind(hold.node_id.as_str())
+                .execute(&mut **transaction)
+                .await
+                .map_err(classify)?;
+
+                if inserted.rows_affected() == 0 {
+                    let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM holds WHERE request_id = $1")
+                        .bind(hold.request_id.as_str())
+                        .fetch_optional(&mut **transaction)
+                        .await
+                        .map_err(classify)?;
+                    return Err(match exists {
+                        Some(_) => LedgerError::DuplicateHold(hold.request_id.clone()),
+                        None => LedgerError::AccountNotFound(hold.account_id.clone()),
+                    });
+                }
+
+                // The conditional debit: no row is updated when the balance is short.
+                let debited = sqlx::query(
+                    "WITH updated AS (
+                         UPDATE accounts
+                         SET balance_micro_usd = balance_micro_usd - $3,
+                             held_micro_usd = held_micro_usd + $3
+                         WHERE id = $1 AND balance_micro_usd >= $3
+                         RETURNING balance_micro_usd
+                     )
+                     INSERT INTO ledger_entries (account_id, kind, reference, amount_micro_usd, balance_after_micro_usd)
+                     SELECT $1, 'hold', $2, -$3, balance_micro_usd FROM updated",
+                )
+                .bind(hold.account_id.as_str())
+                .bind(hold.request_id.as_str())
+                .bind(hold.amount.get())
+                .execute(&mut **transaction)
+                .await
+                .map_err(classify)?;
+
+                if debited.rows_affected() == 0 {
+                    let available: i64 = sqlx::query_scalar("SELECT balance_micro_usd FROM accounts WHERE id = $1")
+                        .bind(hold.account_id.as_str())
+                        .fetch_one(&mut **transaction)
+                        .await
+                        .map_err(classify)?;
+                    return Err(LedgerError::InsufficientFunds {
+                        available: MicroUsd::new(available),
+                        requested: hold.amount,
+                    });
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn settle(&self, settlement: Settlement) -> Result<SettlementReceipt, LedgerError> {
+        self.transaction(move |transaction| {
+            Box::pin(async move {
+                let reference = settlement.request_id.as_str();
+                let hold = sqlx::query(
+                    "SELECT account_id, key_prefix, amount_micro_usd, state FROM holds
+                     WHERE request_id = $1 FOR UPDATE",
+                )
+                .bind(reference)
+                .fetch_optional(&mut **transaction)
+                .await
+                .map_err(classify)?
+                .ok_or_else(|| LedgerError::HoldNotFound(settlement.request_id.clone()))?;
+
+                let consumer = AccountId::new(hold.get::<String, _>("account_id"));
+                let key_prefix: String = hold.get("key_prefix");
+                let amount = MicroUsd::new(hold.get("amount_micro_usd"));
+                match hold.get::<String, _>("state").as_str() {
+                    "settled" => return earlier_receipt(transaction, reference, amount).await,
+                    "released" => {
+                        return Ok(SettlementReceipt {
+                            charged: MicroUsd::ZERO,
+                            released: amount,
+                            provider_earning: MicroUsd::ZERO,
+                            platform_fee: MicroUsd::ZERO,
+                        });
+                    }
+                    _ => {}
+                }
+
+                let provider_exists = match &settlement.provider_account {
+                    Some(provider) => sqlx::query_scalar::<_, i32>("SELECT 1 FROM accounts WHERE id = $1")
+                        .bind(provider.as_str())
+                        .fetch_optional(&mut **transaction)
+                        .await
+                        .map_err(classify)?
+                        .is_some(),
+                    None => false,
+                };
+                let plan = SettlementPlan::new(&settlement, amount, provider_exists);
+                let receipt = plan.receipt.clone();
+
+                sqlx::query("UPDATE holds SET state = 'settled', closed_at = now() WHERE request_id = $1")
+                    .bind(reference)
+                    .execute(&mut **transaction)
+                    .await
+                    .map_err(classify)?;
+                apply_entry(
+                    transaction,
+                    &consumer,
+                    EntryKind::Release,
+                    reference,
+                    receipt.released,
+                    MicroUsd::ZERO - amount,
+                )
+                .await
+                .map_err(classify)?;
+                if let Some(provider) = &plan.provider_account {
+                    apply_entry(transaction, provider, EntryKind::Earning, reference, receipt.provider_earning, MicroUsd::ZERO)
+                        .await
+                        .map_err(classify)?;
+                }
+
+                sqlx::query(
+                    "INSERT INTO usage (request_id, account_id, key_prefix, model_id, provider_account_id,
+                                        provider_key, node_id, prompt_tokens, completion_tokens,
+                                        cost_micro_usd, provider_earning_micro_usd, platform_fee_micro_usd, outcome)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                )
+                .bind(reference)
+                .bind(consumer.as_str())
+                .bind(&key_prefix)
+                .bind(settlement.model.as_str())
+                .bind(plan.provider_account.as_ref().map(AccountId::as_str))
+                .bind(&settlement.provider_key)
+                .bind(settlement.node_id.as_str())
+                .bind(to_i64(settlement.prompt_tokens))
+                .bind(to_i64(settlement.completion_tokens))
+                .bind(receipt.charged.get())
+                .bind(receipt.provider_earning.get())
+                .bind(receipt.platform_fee.get())
+                .bind(settlement.outcome.as_str())
+                .execute(&mut **transaction)
+                .await
+                .map_err(classify)?;
+
+                Ok(receipt)
+            })
+        })
+        .await
+    }
+
+    async fn release(&self, request_id: &ConsumerRequestId) -> Result<(), LedgerError> {
+        let request_id = request_id.clone();
+        self.transaction(move |transaction| {
+            Box::pin(async move {
+                let hold = sqlx::query(
+                    "SELECT account_id, amount_micro_usd, state FROM holds WHERE request_id = $1 FOR UPDATE",
+                )
+                .bind(request_id.as_str())
+                .fetch_optional(&mut **transaction)
+                .await
+                .map_err(classify)?
+                .ok_or_else(|| LedgerError::HoldNotFound(request_id.clone()))?;
+                if hold.get::<String, _>("state") != "open" {
+                    return Ok(());
+                }
+
+                let account = AccountId::new(hold.get::<String, _>("account_id"));
+                let amount = MicroUsd::new(hold.get("amount_micro_usd"));
+                sqlx::query("UPDATE holds SET state = 'released', closed_at = now() WHERE request_id = $1")
+                    .bind(request_id.as_str())
+                    .execute(&mut **transaction)
+                    .await
+                    .map_err(classify)?;
+                apply_entry(transaction, &account, EntryKind::Release, request_id.as_str(), amount, MicroUsd::ZERO - amount)
+                    .await
+                    .map_err(classify)?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn balance(&self, account: &AccountId) -> Result<AccountBalance, LedgerError> {
+        let row =
+            sqlx::query("SELECT balance_micro_usd, held_micro_usd FROM accounts WHERE id = $1")
+                .bind(account.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(classify)?
+                .ok_or_else(|| LedgerError::AccountNotFound(account.clone()))?;
+        let available = MicroUsd::new(row.get("balance_micro_usd"));
+        let held = MicroUsd::new(row.get("held_micro_usd"));
+        Ok(AccountBalance {
+            balance: available + held,
+            held,
+        })
+    }
+
+    async fn earnings(&self, account: &AccountId) -> Result<MicroUsd, LedgerError> {
+        let earnings: Option<i64> =
+            sqlx::query_scalar("SELECT earnings_micro_usd FROM accounts WHERE id = $1")
+                .bind(account.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(classify)?;
+        earnings
+            .map(MicroUsd::new)
+            .ok_or_else(|| LedgerError::AccountNotFound(account.clone()))
+    }
+
+    async fn usage(
+        &self,
+        account: &AccountId,
+        limit: u32,
+        before: Option<i64>,
+    ) -> Result<Vec<UsageRecord>, LedgerError> {
+        let rows = sqlx::query(
+            "SELECT sequence, request_id, model_id, key_prefix, prompt_tokens, completion_tokens,
+                    cost_micro_usd, outcome,
+                    (extract(epoch FROM created_at) * 1000)::BIGINT AS created_at_ms
+             FROM usage
+             WHERE account_id = $1 AND sequence < $2
+             ORDER BY sequence DESC
+             LIMIT $3",
+        )
+        .bind(account.as_str())
+        .bind(before.unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+
+        Ok(rows
+            .into_iter()
+            .map(|row| UsageRecord {
+                sequence: row.get("sequence"),
+                request_id: ConsumerRequestId::new(row.get::<String, _>("request_id")),
+                model: ModelId::new(row.get::<String, _>("model_id")),
+                key_prefix: row.get("key_prefix"),
+                prompt_tokens: to_u64(row.get("prompt_tokens")),
+                completion_tokens: to_u64(row.get("completion_tokens")),
+                cost: MicroUsd::new(row.get("cost_micro_usd")),
+                outcome: super::Outcome::parse(row.get::<&str, _>("outcome"))
+                    .unwrap_or(super::Outcome::Completed),
+                created_at_ms: row.get("created_at_ms"),
+            })
+            .collect())
+    }
+
+    async fn entries_total(&self, account: &AccountId) -> Result<MicroUsd, LedgerError> {
+        let total: Option<i64> = sqlx::query_scalar(
+            "SELECT sum(amount_micro_usd)::BIGINT FROM ledger_entries WHERE account_id = $1",
+        )
+        .bind(account.as_str())
+        .fetch_one(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(MicroUsd::new(total.unwrap_or(0)))
+    }
+
+    async fn release_stale_holds(&self, older_than: Duration) -> Result<u64, LedgerError> {
+        // One sweeper at a time: the transaction-scoped advisory lock is taken
+        // without waiting, and released when the transaction ends.
+        let mut transaction = self.pool.begin().await.map_err(classify)?;
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(SWEEPER_LOCK_KEY)
+            .fetch_one(&mut *transaction)
+            .await
+            .map_err(classify)?;
+        if !locked {
+            return Ok(0);
+        }
+
+        let stale: Vec<String> = sqlx::query_scalar(
+            "SELECT request_id FROM holds
+             WHERE state = 'open' AND created_at < now() - make_interval(secs => $1)
+             ORDER BY created_at
+             LIMIT 1000",
+        )
+        .bind(older_than.as_secs_f64())
+        .fetch_all(&mut *transaction)
+        .await
+        .map_err(classify)?;
+
+        let mut released = 0;
+        for request_id in stale {
+            // Each release locks its hold and rechecks the state, so a hold settled
+            // meanwhile is left alone.
+            self.release(&ConsumerRequestId::new(request_id)).await?;
+            released += 1;
+        }
+        transaction.commit().await.map_err(classify)?;
+        Ok(released)
+    }
+
+    async fn check(&self) -> Result<(), LedgerError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn create_account(&self, account: &AccountId) -> Result<(), LedgerError> {
+        sqlx::query("INSERT INTO accounts (id) VALUES ($1) ON CONFLICT (id) DO NOTHING")
+            .bind(account.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn credit(
+        &self,
+        account: &AccountId,
+        amount: MicroUsd,
+        reference: &str,
+    ) -> Result<AccountBalance, LedgerError> {
+        if amount < MicroUsd::ZERO {
+            return Err(LedgerError::InvalidAmount(amount));
+        }
+        let (account_id, reference_owned) = (account.clone(), reference.to_owned());
+        let applied = self
+            .transaction(move |transaction| {
+                Box::pin(async move {
+                    let exists: Option<i32> =
+                        sqlx::query_scalar("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE")
+                            .bind(account_id.as_str())
+                            .fetch_optional(&mut **transaction)
+                            .await
+                            .map_err(classify)?;
+                    if exists.is_none() {
+                        return Err(LedgerError::AccountNotFound(account_id.clone()));
+                    }
+                    match apply_entry(
+                        transaction,
+                        &account_id,
+                        EntryKind::Credit,
+                        &reference_owned,
+                        amount,
+                        MicroUsd::ZERO,
+                    )
+                    .await
+                    {
+                        Ok(()) => Ok(true),
+                        Err(error) if is_unique_violation(&error) => Ok(false),
+                        Err(error) => Err(classify(error)),
+                    }
+                })
+            })
+            .await;
+        match applied {
+            Ok(_) => {}
+            // A credit with this reference exists: the first one stands.
+            Err(LedgerError::Unavailable(source))
+                if source
+                    .downcast_ref::<sqlx::Error>()
+                    .is_some_and(is_unique_violation) => {}
+            Err(error) => return Err(error),
+        }
+        self.balance(account).await
+    }
+
+    async fn add_api_key(
+        &self,
+        account: &AccountId,
+        key: &str,
+        name: &str,
+    ) -> Result<(), LedgerError> {
+        let inserted = sqlx::query(
+            "INSERT INTO api_keys (key_hash, account_id, display_prefix, name)
+             SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM accounts WHERE id = $2)
+             ON CONFLICT (key_hash) DO NOTHING",
+        )
+        .bind(SecretHash::of(key).as_bytes().as_slice())
+        .bind(account.as_str())
+        .bind(display_prefix(key))
+        .bind(name)
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        if inserted.rows_affected() == 0 && self.authenticate(SecretHash::of(key)).await?.is_none()
+        {
+            return Err(LedgerError::AccountNotFound(account.clone()));
+        }
+        Ok(())
+    }
+
+    async fn revoke_api_key(&self, prefix: &str) -> Result<SecretHash, LedgerError> {
+        let hash: Option<Vec<u8>> = sqlx::query_scalar(
+            "UPDATE api_keys SET revoked_at = now()
+             WHERE key_hash = (SELECT key_hash FROM api_keys
+                               WHERE display_prefix = $1 AND revoked_at IS NULL
+                               ORDER BY created_at LIMIT 1)
+             RETURNING key_hash",
+        )
+        .bind(prefix)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?;
+        hash.as_deref()
+            .and_then(SecretHash::from_bytes)
+            .ok_or_else(|| LedgerError::KeyNotFound(prefix.to_owned()))
+    }
+
+    async fn add_provider_token(
+        &self,
+        account: &AccountId,
+        token: &str,
+    ) -> Result<(), LedgerError> {
+        let inserted = sqlx::query(
+            "INSERT INTO provider_tokens (token_hash, account_id, display_prefix)
+             SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM accounts WHERE id = $2)
+             ON CONFLICT (token_hash) DO NOTHING",
+        )
+        .bind(SecretHash::of(token).as_bytes().as_slice())
+        .bind(account.as_str())
+        .bind(display_prefix(token))
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        if inserted.rows_affected() == 0
+            && self
+                .provider_account(SecretHash::of(token))
+                .await?
+                .is_none()
+        {
+            return Err(LedgerError::AccountNotFound(account.clone()));
+        }
+        Ok(())
+    }
+}
+
+/// Rebuilds the receipt of a request that was settled before.
+async fn earlier_receipt(
+    transaction: &mut Transaction<'static, Postgres>,
+    request_id: &str,
+    hold: MicroUsd,
+) -> Result<SettlementReceipt, LedgerError> {
+    let row = sqlx::query(
+        "SELECT cost_micro_usd, provider_earning_micro_usd, platform_fee_micro_usd
+         FROM usage WHERE request_id = $1",
+    )
+    .bind(request_id)
+    .fetch_one(&mut **transaction)
+    .await
+    .map_err(classify)?;
+    let charged = MicroUsd::new(row.get("cost_micro_usd"));
+    Ok(SettlementReceipt {
+        charged,
+        released: hold - charged,
+        provider_earning: MicroUsd::new(row.get("provider_earning_micro_usd")),
+        platform_fee: MicroUsd::new(row.get("platform_fee_micro_usd")),
+    })
+}
