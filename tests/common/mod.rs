@@ -6,6 +6,8 @@
     reason = "each test binary uses a different subset of these helpers"
 )]
 
+pub mod proxy;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
