@@ -244,6 +244,27 @@ struct RouterArgs {
 enum LoadtestCommand {
     /// Run a fleet of simulated providers against a router.
     Provider(ProviderArgs),
+    /// Measure hold-and-settle throughput of the Postgres ledger.
+    Ledger(LedgerBenchArgs),
+}
+
+#[derive(Args)]
+struct LedgerBenchArgs {
+    /// Postgres URL of a migrated ledger; the run adds its own accounts.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+    /// Requests to hold and settle.
+    #[arg(long, default_value_t = 20_000)]
+    requests: u64,
+    /// Concurrent workers.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Consumer accounts (and provider accounts) to spread the requests over.
+    #[arg(long, default_value_t = 64)]
+    accounts: usize,
+    /// Postgres connections in the pool.
+    #[arg(long, default_value_t = 32)]
+    connections: u32,
 }
 
 #[derive(Args)]
@@ -284,6 +305,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Coordinator(args) => run_coordinator(args).await,
         Command::Router(args) => run_router(args).await,
         Command::Loadtest(LoadtestCommand::Provider(args)) => run_providers(args).await,
+        Command::Loadtest(LoadtestCommand::Ledger(args)) => run_ledger_bench(args).await,
         Command::Migrate(args) => run_migrate(args).await,
         Command::Admin(args) => run_admin(args).await,
     }
@@ -324,6 +346,58 @@ async fn wait_for_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+async fn run_ledger_bench(args: LedgerBenchArgs) -> anyhow::Result<()> {
+    let ledger = PgLedger::connect_lazy(&args.database_url, args.connections)
+        .context("invalid DATABASE_URL")?;
+    ledger
+        .check_schema()
+        .await
+        .context("the ledger database is not ready")?;
+    let run_id = format!("bench-{}", &uuid_like());
+    let config = switchyard_loadtest::ledger_bench::LedgerBenchConfig {
+        requests: args.requests,
+        concurrency: args.concurrency,
+        accounts: args.accounts,
+        run_id,
+    };
+    let report = switchyard_loadtest::ledger_bench::run(Arc::new(ledger), config).await?;
+
+    println!("settlements:         {}", report.requests);
+    println!("elapsed:             {:.2} s", report.elapsed.as_secs_f64());
+    println!("settlements/s:       {:.0}", report.settlements_per_second);
+    println!(
+        "hold p50 / p99:      {:?} / {:?}",
+        report.hold_p50, report.hold_p99
+    );
+    println!(
+        "settle p50 / p99:    {:?} / {:?}",
+        report.settle_p50, report.settle_p99
+    );
+    println!(
+        "usage rows:          {} ({})",
+        report.usage_rows,
+        if report.usage_rows == report.requests {
+            "each settled exactly once"
+        } else {
+            "MISMATCH"
+        }
+    );
+    anyhow::ensure!(
+        report.usage_rows == report.requests,
+        "{} usage rows for {} settlements",
+        report.usage_rows,
+        report.requests
+    );
+    Ok(())
+}
+
+/// A short random hex id for benchmark runs.
+fn uuid_like() -> String {
+    let mut bytes = [0u8; 6];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut bytes);
+    hex::encode(bytes)
 }
 
 async fn run_migrate(args: MigrateArgs) -> anyhow::Result<()> {

@@ -2,7 +2,10 @@
 //! balance, billing of abnormal ends, the stale-hold sweeper, and a Postgres
 //! outage in the middle of traffic.
 
-#![allow(clippy::unwrap_used, reason = "a test fails loudly on any unexpected error")]
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails loudly on any unexpected error"
+)]
 
 mod common;
 
@@ -33,8 +36,16 @@ async fn assert_books_balance(cluster: &DevCluster) {
     let balance = cluster.ledger.balance(&cluster.account).await.unwrap();
     assert_eq!(balance.held, MicroUsd::ZERO, "no hold left open");
     assert!(balance.balance >= MicroUsd::ZERO);
-    let entries = cluster.ledger.entries_total(&cluster.account).await.unwrap();
-    assert_eq!(entries, balance.available(), "ledger entries add up to the balance");
+    let entries = cluster
+        .ledger
+        .entries_total(&cluster.account)
+        .await
+        .unwrap();
+    assert_eq!(
+        entries,
+        balance.available(),
+        "ledger entries add up to the balance"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,7 +61,8 @@ async fn small_balance_serves_at_most_ten() {
         common::add_provider(&cluster, &[MODEL], |_| {}).await,
     ];
 
-    let body = json!({"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]});
+    let body =
+        json!({"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]});
     let requests = (0..100).map(|_| common::post_chat(&cluster, &body));
     let statuses: Vec<u16> = futures::future::join_all(requests)
         .await
@@ -59,14 +71,30 @@ async fn small_balance_serves_at_most_ten() {
         .collect();
 
     let served = statuses.iter().filter(|status| **status == 200).count();
-    assert!(served <= 10, "{served} requests served with a balance for 10");
+    assert!(
+        served <= 10,
+        "{served} requests served with a balance for 10"
+    );
     assert!(served >= 1, "some requests are served");
-    assert!(statuses.iter().all(|status| matches!(status, 200 | 402 | 503)), "{statuses:?}");
+    assert!(
+        statuses
+            .iter()
+            .all(|status| matches!(status, 200 | 402 | 503)),
+        "{statuses:?}"
+    );
     assert_books_balance(&cluster).await;
 
     let charged = MicroUsd::new(1_000) - common::balance(&cluster).await;
-    assert_eq!(charged, MicroUsd::new(100 * served as i64), "each served request charged once");
-    let usage = cluster.ledger.usage(&cluster.account, 500, None).await.unwrap();
+    assert_eq!(
+        charged,
+        MicroUsd::new(100 * served as i64),
+        "each served request charged once"
+    );
+    let usage = cluster
+        .ledger
+        .usage(&cluster.account, 500, None)
+        .await
+        .unwrap();
     assert_eq!(usage.len(), served);
 
     cluster.shutdown().await;
@@ -89,7 +117,14 @@ async fn provider_fault_charges_nothing() {
 
     assert_eq!(common::balance(&cluster).await, before);
     assert_eq!(common::earnings(&cluster).await, MicroUsd::ZERO);
-    assert!(cluster.ledger.usage(&cluster.account, 10, None).await.unwrap().is_empty());
+    assert!(
+        cluster
+            .ledger
+            .usage(&cluster.account, 10, None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_books_balance(&cluster).await;
     cluster.shutdown().await;
     database.drop_database().await.unwrap();
@@ -118,7 +153,10 @@ async fn failover_charges_once() {
     let cost = entry.prices().cost(prompt, 16);
     assert_eq!(before - common::balance(&cluster).await, cost + cost);
     let split = FeeSplit::of(cost, cluster.router.catalog.platform_fee_bps());
-    assert_eq!(common::earnings(&cluster).await, split.provider_earning + split.provider_earning);
+    assert_eq!(
+        common::earnings(&cluster).await,
+        split.provider_earning + split.provider_earning
+    );
     assert_books_balance(&cluster).await;
     cluster.shutdown().await;
     database.drop_database().await.unwrap();
@@ -145,22 +183,44 @@ async fn disconnect_charges_delivered_tokens() {
         received.push_str(&String::from_utf8_lossy(&bytes));
     }
     drop(stream);
-    tokio::time::timeout(Duration::from_secs(10), provider.wait_until(|stats| !stats.cancelled_request_ids.is_empty()))
-        .await
-        .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        provider.wait_until(|stats| !stats.cancelled_request_ids.is_empty()),
+    )
+    .await
+    .unwrap();
     common::eventually("the request is settled", async || {
-        !cluster.ledger.usage(&cluster.account, 1, None).await.unwrap().is_empty()
+        !cluster
+            .ledger
+            .usage(&cluster.account, 1, None)
+            .await
+            .unwrap()
+            .is_empty()
     })
     .await;
 
-    let record = cluster.ledger.usage(&cluster.account, 1, None).await.unwrap().remove(0);
+    let record = cluster
+        .ledger
+        .usage(&cluster.account, 1, None)
+        .await
+        .unwrap()
+        .remove(0);
     assert_eq!(record.outcome, Outcome::ConsumerDisconnected);
-    assert!(record.completion_tokens >= 3, "at least the tokens the consumer read");
+    assert!(
+        record.completion_tokens >= 3,
+        "at least the tokens the consumer read"
+    );
     assert!(record.completion_tokens < 200);
     let entry = cluster.router.catalog.get(MODEL).unwrap();
-    let cost = entry.prices().cost(record.prompt_tokens, record.completion_tokens);
+    let cost = entry
+        .prices()
+        .cost(record.prompt_tokens, record.completion_tokens);
     assert_eq!(record.cost, cost);
-    assert_eq!(before - common::balance(&cluster).await, cost, "charged exactly the delivered part");
+    assert_eq!(
+        before - common::balance(&cluster).await,
+        cost,
+        "charged exactly the delivered part"
+    );
     let split = FeeSplit::of(cost, cluster.router.catalog.platform_fee_bps());
     assert_eq!(common::earnings(&cluster).await, split.provider_earning);
     assert_books_balance(&cluster).await;
@@ -196,7 +256,12 @@ async fn sweeper_releases_dead_node_holds() {
     assert_eq!(common::held(&cluster).await, MicroUsd::new(5_000));
 
     // A request that completes is settled and stays settled.
-    assert_eq!(common::post_chat(&cluster, &common::chat_body(false)).await.status(), 200);
+    assert_eq!(
+        common::post_chat(&cluster, &common::chat_body(false))
+            .await
+            .status(),
+        200
+    );
     let charged = before - common::balance(&cluster).await;
     assert!(charged > MicroUsd::ZERO);
 
@@ -204,7 +269,11 @@ async fn sweeper_releases_dead_node_holds() {
         common::held(&cluster).await == MicroUsd::ZERO
     })
     .await;
-    assert_eq!(before - common::balance(&cluster).await, charged, "the settled charge is untouched");
+    assert_eq!(
+        before - common::balance(&cluster).await,
+        charged,
+        "the settled charge is untouched"
+    );
     assert_books_balance(&cluster).await;
     cluster.shutdown().await;
     database.drop_database().await.unwrap();
@@ -217,7 +286,10 @@ async fn postgres_outage_gives_503_then_recovers() {
     let proxied_url = database
         .url
         .replace("127.0.0.1:5432", &proxy.address.to_string());
-    assert_ne!(proxied_url, database.url, "the test database URL goes through the proxy");
+    assert_ne!(
+        proxied_url, database.url,
+        "the test database URL goes through the proxy"
+    );
 
     let mut options = common::options(0);
     options.database_url = Some(proxied_url);
@@ -228,7 +300,12 @@ async fn postgres_outage_gives_503_then_recovers() {
 
     let mut served = 0;
     for _ in 0..5 {
-        assert_eq!(common::post_chat(&cluster, &common::chat_body(false)).await.status(), 200);
+        assert_eq!(
+            common::post_chat(&cluster, &common::chat_body(false))
+                .await
+                .status(),
+            200
+        );
         served += 1;
     }
     assert_eq!(client.get(&readyz).send().await.unwrap().status(), 200);
@@ -236,10 +313,18 @@ async fn postgres_outage_gives_503_then_recovers() {
     proxy.cut();
     for _ in 0..5 {
         let response = common::post_chat(&cluster, &common::chat_body(false)).await;
-        assert_eq!(response.status(), 503, "no hold can be placed without Postgres");
+        assert_eq!(
+            response.status(),
+            503,
+            "no hold can be placed without Postgres"
+        );
         assert!(response.headers().contains_key("retry-after"));
     }
-    assert_eq!(client.get(&readyz).send().await.unwrap().status(), 503, "readiness fails");
+    assert_eq!(
+        client.get(&readyz).send().await.unwrap().status(),
+        503,
+        "readiness fails"
+    );
 
     proxy.restore().await;
     common::eventually("the router is ready again", async || {
@@ -247,16 +332,26 @@ async fn postgres_outage_gives_503_then_recovers() {
     })
     .await;
     common::eventually("requests succeed again", async || {
-        common::post_chat(&cluster, &common::chat_body(false)).await.status() == 200
+        common::post_chat(&cluster, &common::chat_body(false))
+            .await
+            .status()
+            == 200
     })
     .await;
     served += 1;
 
     // Every served request is billed once, and nothing else.
-    let usage = cluster.ledger.usage(&cluster.account, 500, None).await.unwrap();
+    let usage = cluster
+        .ledger
+        .usage(&cluster.account, 500, None)
+        .await
+        .unwrap();
     assert_eq!(usage.len(), served);
     let billed: i64 = usage.iter().map(|record| record.cost.get()).sum();
-    assert_eq!(MicroUsd::from_usd(100) - common::balance(&cluster).await, MicroUsd::new(billed));
+    assert_eq!(
+        MicroUsd::from_usd(100) - common::balance(&cluster).await,
+        MicroUsd::new(billed)
+    );
     assert_books_balance(&cluster).await;
     cluster.shutdown().await;
     proxy.cut();

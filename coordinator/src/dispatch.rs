@@ -612,7 +612,7 @@ async fn settle(
     outcome: Outcome,
 ) -> Result<Usage, ApiError> {
     let usage = Usage {
-        prompt_tokens: reported.prompt_tokens.min(job.request.prompt_upper_bound),
+        prompt_tokens: reported.prompt_tokens.min(job.request.prompt_limit),
         completion_tokens: reported
             .completion_tokens
             .min(job.request.completion_limit()),

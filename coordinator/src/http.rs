@@ -160,10 +160,9 @@ async fn handle_chat(
         return Ok(retry_elsewhere());
     }
 
-    let worst_case_prompt = chat.prompt_upper_bound;
     let hold = entry
         .prices()
-        .cost(worst_case_prompt, chat.completion_limit());
+        .cost(chat.prompt_limit, chat.completion_limit());
     let placed = state
         .ledger
         .place_hold(HoldRequest {

@@ -24,10 +24,17 @@ pub struct ChatRequest {
     /// The node's own estimate of prompt tokens, used when the provider reports
     /// none (a consumer that disconnects).
     pub prompt_estimate: u64,
-    /// A bound no honest prompt token count exceeds: the byte length of the
-    /// messages and tools, since every token covers at least one byte.
-    pub prompt_upper_bound: u64,
+    /// Most prompt tokens the node accepts from the provider's report: the
+    /// smaller of [`PROMPT_ESTIMATE_FACTOR`] times the estimate and the byte
+    /// length of the messages and tools (every token covers at least one byte).
+    /// It also sizes the hold.
+    pub prompt_limit: u64,
 }
+
+/// How far above the node's estimate a provider's prompt token count may be.
+/// Four covers tokenizers that split text far finer than four characters per
+/// token, such as byte-level tokenizers on code or unusual scripts.
+pub const PROMPT_ESTIMATE_FACTOR: u64 = 4;
 
 impl ChatRequest {
     /// Largest number of completion tokens the request may produce.
@@ -76,12 +83,15 @@ pub fn validate_chat_request(
 ) -> Result<ChatRequest, ApiError> {
     let model = model_field(&body)?.to_owned();
     let messages = validate_messages(&body)?;
-    let prompt_estimate = estimate_prompt_tokens(messages);
-    let prompt_upper_bound = ["messages", "tools"]
-        .iter()
-        .filter_map(|key| body.get(*key))
-        .map(|value| value.to_string().len() as u64)
-        .sum::<u64>();
+    let tools_bytes = body
+        .get("tools")
+        .map_or(0, |tools| tools.to_string().len() as u64);
+    let prompt_estimate = estimate_prompt_tokens(messages) + tools_bytes.div_ceil(4);
+    let prompt_bytes = body
+        .get("messages")
+        .map_or(0, |messages| messages.to_string().len() as u64)
+        + tools_bytes;
+    let prompt_limit = prompt_bytes.min(prompt_estimate.saturating_mul(PROMPT_ESTIMATE_FACTOR));
 
     let stream = optional_bool(&body, "stream")?.unwrap_or(false);
     let include_usage = match body.get("stream_options") {
@@ -125,7 +135,7 @@ pub fn validate_chat_request(
         max_tokens,
         choices,
         prompt_estimate,
-        prompt_upper_bound,
+        prompt_limit,
     })
 }
 
@@ -196,18 +206,27 @@ fn optional_positive(body: &Map<String, Value>, field: &str) -> Result<Option<u6
     }
 }
 
-/// Estimates prompt tokens as a quarter of the text's characters plus four tokens
-/// of framing per message, the usual rule of thumb for English with BPE tokenizers.
+/// Estimates prompt tokens: a quarter of the ASCII characters (the usual rule of
+/// thumb for English with BPE tokenizers), one token per other character, and
+/// four tokens of framing per message.
 fn estimate_prompt_tokens(messages: &[Value]) -> u64 {
-    let characters: usize = messages
-        .iter()
-        .map(|message| match message.get("content") {
-            Some(Value::String(text)) => text.chars().count(),
-            Some(other) => other.to_string().chars().count(),
-            None => 0,
-        })
-        .sum();
-    (characters as u64).div_ceil(4) + 4 * messages.len() as u64
+    let mut ascii = 0u64;
+    let mut other = 0u64;
+    for message in messages {
+        let text = match message.get("content") {
+            Some(Value::String(text)) => std::borrow::Cow::Borrowed(text.as_str()),
+            Some(content) => std::borrow::Cow::Owned(content.to_string()),
+            None => continue,
+        };
+        for character in text.chars() {
+            if character.is_ascii() {
+                ascii += 1;
+            } else {
+                other += 1;
+            }
+        }
+    }
+    ascii.div_ceil(4) + other + 4 * messages.len() as u64
 }
 
 #[cfg(test)]
@@ -310,9 +329,19 @@ mod tests {
     }
 
     #[test]
-    fn prompt_bound_covers_estimate() {
+    fn prompt_limit_is_a_factor_of_estimate() {
         let request = validate(base()).unwrap();
-        assert!(request.prompt_upper_bound >= request.prompt_estimate);
+        // "Hello there" is 11 ASCII characters: 3 tokens, plus 4 for the message.
         assert_eq!(request.prompt_estimate, 3 + 4);
+        assert_eq!(request.prompt_limit, 7 * PROMPT_ESTIMATE_FACTOR);
+    }
+
+    #[test]
+    fn prompt_limit_never_exceeds_bytes() {
+        let request =
+            validate(json!({"model":"m","messages":[{"role":"user","content":"é"}]})).unwrap();
+        let bytes = json!([{"role":"user","content":"é"}]).to_string().len() as u64;
+        assert!(request.prompt_limit <= bytes);
+        assert_eq!(request.prompt_estimate, 1 + 4);
     }
 }

@@ -3,11 +3,12 @@
 //!
 //! Layout: `sim` is one simulated provider (connection loop, request generation,
 //! failure injection and the counters tests read), `fleet` starts and stops many of
-//! them at once, and `command` is the entry point of the `loadtest provider` CLI
-//! subcommand.
+//! them at once, `command` is the entry point of the `loadtest provider` CLI
+//! subcommand, and `ledger_bench` measures settlements per second.
 
 pub mod command;
 pub mod fleet;
+pub mod ledger_bench;
 pub mod sim;
 
 pub use command::{

@@ -37,7 +37,9 @@ impl CutProxy {
             // The accept loop owns the connection tasks: aborting it drops them.
             let _connections = accepted;
             loop {
-                let Ok((mut client, _)) = listener.accept().await else { return };
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
                 let mut set = _connections.lock().unwrap();
                 set.spawn(async move {
                     if let Ok(mut server) = TcpStream::connect(upstream).await {

@@ -1,9 +1,10 @@
 //! The ledger in shared Postgres.
 //!
-//! Every operation that writes more than one row runs in one transaction through
-//! [`PgLedger::transaction`]. Holds, settlements and releases lock the hold row
-//! (`FOR UPDATE`) first, so two nodes settling the same request serialize on it
-//! and the second sees the first one's result. Balance rules are enforced by the
+//! Holds, settlements and releases are the SQL functions of the
+//! `ledger_functions` migration: one round trip and one transaction each. They
+//! lock the hold row (`FOR UPDATE`) first, so two nodes settling the same request
+//! serialize on it and the second sees the first one's result. Other writes of
+//! several rows run in one transaction through [`PgLedger::transaction`]. Balance rules are enforced by the
 //! schema as well: `CHECK (balance_micro_usd >= 0)` and the uniqueness of
 //! (account, kind, reference) in `ledger_entries`.
 //!
@@ -19,7 +20,7 @@ use sqlx::{Postgres, Row, Transaction};
 
 use super::{
     AccountBalance, ApiKeyInfo, EntryKind, HoldRequest, Ledger, LedgerError, SecretHash,
-    Settlement, SettlementPlan, SettlementReceipt, UsageRecord, display_prefix,
+    Settlement, SettlementReceipt, UsageRecord, display_prefix,
 };
 use crate::ids::{AccountId, ConsumerRequestId, ModelId};
 use crate::money::MicroUsd;
@@ -200,192 +201,71 @@ impl Ledger for PgLedger {
             return Err(LedgerError::InvalidAmount(hold.amount));
         }
 
-        self.transaction(move |transaction| {
-            Box::pin(async move {
-                let inserted = sqlx::query(
-                    "INSERT INTO holds (request_id, account_id, key_prefix, amount_micro_usd, node_id)
-                     SELECT $1, $2, $3, $4, $5 WHERE EXISTS (SELECT 1 FROM accounts WHERE id = $2)
-                     ON CONFLICT (request_id) DO NOTHING",
-                )
+        let row =
+            sqlx::query("SELECT outcome, available FROM switchyard_place_hold($1, $2, $3, $4, $5)")
                 .bind(hold.request_id.as_str())
                 .bind(hold.account_id.as_str())
                 .bind(&hold.key_prefix)
                 .bind(hold.amount.get())
                 .bind(hold.node_id.as_str())
-                .execute(&mut **transaction)
+                .fetch_one(&self.pool)
                 .await
                 .map_err(classify)?;
 
-                if inserted.rows_affected() == 0 {
-                    let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM holds WHERE request_id = $1")
-                        .bind(hold.request_id.as_str())
-                        .fetch_optional(&mut **transaction)
-                        .await
-                        .map_err(classify)?;
-                    return Err(match exists {
-                        Some(_) => LedgerError::DuplicateHold(hold.request_id.clone()),
-                        None => LedgerError::AccountNotFound(hold.account_id.clone()),
-                    });
-                }
-
-                // The conditional debit: no row is updated when the balance is short.
-                let debited = sqlx::query(
-                    "WITH updated AS (
-                         UPDATE accounts
-                         SET balance_micro_usd = balance_micro_usd - $3,
-                             held_micro_usd = held_micro_usd + $3
-                         WHERE id = $1 AND balance_micro_usd >= $3
-                         RETURNING balance_micro_usd
-                     )
-                     INSERT INTO ledger_entries (account_id, kind, reference, amount_micro_usd, balance_after_micro_usd)
-                     SELECT $1, 'hold', $2, -$3, balance_micro_usd FROM updated",
-                )
-                .bind(hold.account_id.as_str())
-                .bind(hold.request_id.as_str())
-                .bind(hold.amount.get())
-                .execute(&mut **transaction)
-                .await
-                .map_err(classify)?;
-
-                if debited.rows_affected() == 0 {
-                    let available: i64 = sqlx::query_scalar("SELECT balance_micro_usd FROM accounts WHERE id = $1")
-                        .bind(hold.account_id.as_str())
-                        .fetch_one(&mut **transaction)
-                        .await
-                        .map_err(classify)?;
-                    return Err(LedgerError::InsufficientFunds {
-                        available: MicroUsd::new(available),
-                        requested: hold.amount,
-                    });
-                }
-                Ok(())
-            })
-        })
-        .await
+        match row.get::<&str, _>("outcome") {
+            "ok" => Ok(()),
+            "duplicate" => Err(LedgerError::DuplicateHold(hold.request_id)),
+            "no_account" => Err(LedgerError::AccountNotFound(hold.account_id)),
+            _ => Err(LedgerError::InsufficientFunds {
+                available: MicroUsd::new(row.get::<Option<i64>, _>("available").unwrap_or(0)),
+                requested: hold.amount,
+            }),
+        }
     }
 
     async fn settle(&self, settlement: Settlement) -> Result<SettlementReceipt, LedgerError> {
-        self.transaction(move |transaction| {
-            Box::pin(async move {
-                let reference = settlement.request_id.as_str();
-                let hold = sqlx::query(
-                    "SELECT account_id, key_prefix, amount_micro_usd, state FROM holds
-                     WHERE request_id = $1 FOR UPDATE",
-                )
-                .bind(reference)
-                .fetch_optional(&mut **transaction)
-                .await
-                .map_err(classify)?
-                .ok_or_else(|| LedgerError::HoldNotFound(settlement.request_id.clone()))?;
-
-                let consumer = AccountId::new(hold.get::<String, _>("account_id"));
-                let key_prefix: String = hold.get("key_prefix");
-                let amount = MicroUsd::new(hold.get("amount_micro_usd"));
-                match hold.get::<String, _>("state").as_str() {
-                    "settled" => return earlier_receipt(transaction, reference, amount).await,
-                    "released" => {
-                        return Ok(SettlementReceipt {
-                            charged: MicroUsd::ZERO,
-                            released: amount,
-                            provider_earning: MicroUsd::ZERO,
-                            platform_fee: MicroUsd::ZERO,
-                        });
-                    }
-                    _ => {}
-                }
-
-                let provider_exists = match &settlement.provider_account {
-                    Some(provider) => sqlx::query_scalar::<_, i32>("SELECT 1 FROM accounts WHERE id = $1")
-                        .bind(provider.as_str())
-                        .fetch_optional(&mut **transaction)
-                        .await
-                        .map_err(classify)?
-                        .is_some(),
-                    None => false,
-                };
-                let plan = SettlementPlan::new(&settlement, amount, provider_exists);
-                let receipt = plan.receipt.clone();
-
-                sqlx::query("UPDATE holds SET state = 'settled', closed_at = now() WHERE request_id = $1")
-                    .bind(reference)
-                    .execute(&mut **transaction)
-                    .await
-                    .map_err(classify)?;
-                apply_entry(
-                    transaction,
-                    &consumer,
-                    EntryKind::Release,
-                    reference,
-                    receipt.released,
-                    MicroUsd::ZERO - amount,
-                )
-                .await
-                .map_err(classify)?;
-                if let Some(provider) = &plan.provider_account {
-                    apply_entry(transaction, provider, EntryKind::Earning, reference, receipt.provider_earning, MicroUsd::ZERO)
-                        .await
-                        .map_err(classify)?;
-                }
-
-                sqlx::query(
-                    "INSERT INTO usage (request_id, account_id, key_prefix, model_id, provider_account_id,
-                                        provider_key, node_id, prompt_tokens, completion_tokens,
-                                        cost_micro_usd, provider_earning_micro_usd, platform_fee_micro_usd, outcome)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-                )
-                .bind(reference)
-                .bind(consumer.as_str())
-                .bind(&key_prefix)
-                .bind(settlement.model.as_str())
-                .bind(plan.provider_account.as_ref().map(AccountId::as_str))
-                .bind(&settlement.provider_key)
-                .bind(settlement.node_id.as_str())
-                .bind(to_i64(settlement.prompt_tokens))
-                .bind(to_i64(settlement.completion_tokens))
-                .bind(receipt.charged.get())
-                .bind(receipt.provider_earning.get())
-                .bind(receipt.platform_fee.get())
-                .bind(settlement.outcome.as_str())
-                .execute(&mut **transaction)
-                .await
-                .map_err(classify)?;
-
-                Ok(receipt)
-            })
-        })
+        let fee_bps = i32::try_from(settlement.platform_fee_bps).unwrap_or(i32::MAX);
+        let row = sqlx::query(
+            "SELECT outcome, hold_amount, charged, provider_earning, platform_fee
+             FROM switchyard_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(settlement.request_id.as_str())
+        .bind(settlement.cost.get())
+        .bind(fee_bps)
+        .bind(settlement.provider_account.as_ref().map(AccountId::as_str))
+        .bind(&settlement.provider_key)
+        .bind(settlement.node_id.as_str())
+        .bind(settlement.model.as_str())
+        .bind(to_i64(settlement.prompt_tokens))
+        .bind(to_i64(settlement.completion_tokens))
+        .bind(settlement.outcome.as_str())
+        .fetch_one(&self.pool)
         .await
+        .map_err(classify)?;
+
+        if row.get::<&str, _>("outcome") == "not_found" {
+            return Err(LedgerError::HoldNotFound(settlement.request_id));
+        }
+        let amount = |column: &str| MicroUsd::new(row.get::<Option<i64>, _>(column).unwrap_or(0));
+        let charged = amount("charged");
+        Ok(SettlementReceipt {
+            charged,
+            released: amount("hold_amount") - charged,
+            provider_earning: amount("provider_earning"),
+            platform_fee: amount("platform_fee"),
+        })
     }
 
     async fn release(&self, request_id: &ConsumerRequestId) -> Result<(), LedgerError> {
-        let request_id = request_id.clone();
-        self.transaction(move |transaction| {
-            Box::pin(async move {
-                let hold = sqlx::query(
-                    "SELECT account_id, amount_micro_usd, state FROM holds WHERE request_id = $1 FOR UPDATE",
-                )
-                .bind(request_id.as_str())
-                .fetch_optional(&mut **transaction)
-                .await
-                .map_err(classify)?
-                .ok_or_else(|| LedgerError::HoldNotFound(request_id.clone()))?;
-                if hold.get::<String, _>("state") != "open" {
-                    return Ok(());
-                }
-
-                let account = AccountId::new(hold.get::<String, _>("account_id"));
-                let amount = MicroUsd::new(hold.get("amount_micro_usd"));
-                sqlx::query("UPDATE holds SET state = 'released', closed_at = now() WHERE request_id = $1")
-                    .bind(request_id.as_str())
-                    .execute(&mut **transaction)
-                    .await
-                    .map_err(classify)?;
-                apply_entry(transaction, &account, EntryKind::Release, request_id.as_str(), amount, MicroUsd::ZERO - amount)
-                    .await
-                    .map_err(classify)?;
-                Ok(())
-            })
-        })
-        .await
+        let outcome: String = sqlx::query_scalar("SELECT switchyard_release_hold($1)")
+            .bind(request_id.as_str())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(classify)?;
+        match outcome.as_str() {
+            "not_found" => Err(LedgerError::HoldNotFound(request_id.clone())),
+            _ => Ok(()),
+        }
     }
 
     async fn balance(&self, account: &AccountId) -> Result<AccountBalance, LedgerError> {
@@ -637,27 +517,4 @@ impl Ledger for PgLedger {
         }
         Ok(())
     }
-}
-
-/// Rebuilds the receipt of a request that was settled before.
-async fn earlier_receipt(
-    transaction: &mut Transaction<'static, Postgres>,
-    request_id: &str,
-    hold: MicroUsd,
-) -> Result<SettlementReceipt, LedgerError> {
-    let row = sqlx::query(
-        "SELECT cost_micro_usd, provider_earning_micro_usd, platform_fee_micro_usd
-         FROM usage WHERE request_id = $1",
-    )
-    .bind(request_id)
-    .fetch_one(&mut **transaction)
-    .await
-    .map_err(classify)?;
-    let charged = MicroUsd::new(row.get("cost_micro_usd"));
-    Ok(SettlementReceipt {
-        charged,
-        released: hold - charged,
-        provider_earning: MicroUsd::new(row.get("provider_earning_micro_usd")),
-        platform_fee: MicroUsd::new(row.get("platform_fee_micro_usd")),
-    })
 }
