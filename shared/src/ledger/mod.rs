@@ -14,6 +14,7 @@
 //!   request, so the entries of an account always add up to its available
 //!   balance.
 
+mod batch;
 mod memory;
 mod postgres;
 pub mod test_db;
@@ -282,6 +283,8 @@ pub enum LedgerError {
     KeyNotFound(String),
     #[error("ledger backend unavailable")]
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("ledger migration failed")]
+    Migration(#[source] sqlx::migrate::MigrateError),
     #[error(
         "ledger schema is version {found}, this build expects {expected}; run `switchyard migrate`"
     )]
@@ -307,7 +310,7 @@ impl PartialEq for LedgerError {
             (HoldNotFound(a), HoldNotFound(b)) => a == b,
             (DuplicateHold(a), DuplicateHold(b)) => a == b,
             (KeyNotFound(a), KeyNotFound(b)) => a == b,
-            (Unavailable(_), Unavailable(_)) => true,
+            (Unavailable(_), Unavailable(_)) | (Migration(_), Migration(_)) => true,
             (
                 SchemaMismatch {
                     found: a,

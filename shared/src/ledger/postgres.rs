@@ -1,7 +1,9 @@
 //! The ledger in shared Postgres.
 //!
 //! Holds, settlements and releases are the SQL functions of the
-//! `ledger_functions` migration: one round trip and one transaction each. They
+//! `ledger_functions` migration. Holds and settlements go through a batcher
+//! (`batch`): whatever is waiting is sent in one call, one round trip and one
+//! transaction for the whole batch. They
 //! lock the hold row (`FOR UPDATE`) first, so two nodes settling the same request
 //! serialize on it and the second sees the first one's result. Other writes of
 //! several rows run in one transaction through [`PgLedger::transaction`]. Balance rules are enforced by the
@@ -11,13 +13,16 @@
 //! Postgres errors are classified by SQLSTATE: connection-level failures become
 //! [`LedgerError::Unavailable`], which callers turn into 503s.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Row, Transaction};
+use tracing::warn;
 
+use super::batch::Batcher;
 use super::{
     AccountBalance, ApiKeyInfo, EntryKind, HoldRequest, Ledger, LedgerError, SecretHash,
     Settlement, SettlementReceipt, UsageRecord, display_prefix,
@@ -31,10 +36,25 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 /// Advisory lock key held by the node that sweeps stale holds ("SWEEPER" in ASCII).
 const SWEEPER_LOCK_KEY: i64 = 0x5357_4545_5045_52;
 
+/// Most holds or settlements sent in one call.
+const MAX_BATCH: usize = 64;
+/// Batches of each kind running at once, each on its own connection.
+const MAX_BATCHES_IN_FLIGHT: usize = 4;
+
 /// A ledger backed by a Postgres connection pool.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct PgLedger {
     pool: PgPool,
+    holds: Arc<OnceLock<Batcher<HoldRequest, ()>>>,
+    settlements: Arc<OnceLock<Batcher<Settlement, SettlementReceipt>>>,
+}
+
+impl std::fmt::Debug for PgLedger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgLedger")
+            .field("pool", &self.pool)
+            .finish_non_exhaustive()
+    }
 }
 
 impl PgLedger {
@@ -49,11 +69,35 @@ impl PgLedger {
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(2))
             .connect_lazy_with(options);
-        Ok(Self { pool })
+        Ok(Self::from_pool(pool))
     }
 
     pub fn from_pool(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            holds: Arc::new(OnceLock::new()),
+            settlements: Arc::new(OnceLock::new()),
+        }
+    }
+
+    /// The hold batcher, started on first use (inside the runtime).
+    fn hold_batcher(&self) -> &Batcher<HoldRequest, ()> {
+        self.holds.get_or_init(|| {
+            let pool = self.pool.clone();
+            Batcher::spawn(MAX_BATCH, MAX_BATCHES_IN_FLIGHT, move |holds| {
+                place_holds(pool.clone(), holds)
+            })
+        })
+    }
+
+    /// The settlement batcher, started on first use (inside the runtime).
+    fn settlement_batcher(&self) -> &Batcher<Settlement, SettlementReceipt> {
+        self.settlements.get_or_init(|| {
+            let pool = self.pool.clone();
+            Batcher::spawn(MAX_BATCH, MAX_BATCHES_IN_FLIGHT, move |settlements| {
+                settle_all(pool.clone(), settlements)
+            })
+        })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -65,7 +109,7 @@ impl PgLedger {
         MIGRATOR
             .run(&self.pool)
             .await
-            .map_err(|error| LedgerError::Unavailable(Box::new(error)))
+            .map_err(LedgerError::Migration)
     }
 
     /// Fails unless the database has exactly the migrations this build knows.
@@ -159,6 +203,138 @@ async fn apply_entry(
     Ok(())
 }
 
+/// Places a batch of holds with one call of `switchyard_place_hold_batch`.
+async fn place_holds(
+    pool: PgPool,
+    holds: Vec<HoldRequest>,
+) -> Result<Vec<Result<(), LedgerError>>, LedgerError> {
+    let rows = sqlx::query(
+        "SELECT item, outcome, available FROM switchyard_place_hold_batch($1, $2, $3, $4, $5) ORDER BY item",
+    )
+    .bind(holds.iter().map(|hold| hold.request_id.as_str()).collect::<Vec<_>>())
+    .bind(holds.iter().map(|hold| hold.account_id.as_str()).collect::<Vec<_>>())
+    .bind(holds.iter().map(|hold| hold.key_prefix.as_str()).collect::<Vec<_>>())
+    .bind(holds.iter().map(|hold| hold.amount.get()).collect::<Vec<_>>())
+    .bind(holds.iter().map(|hold| hold.node_id.as_str()).collect::<Vec<_>>())
+    .fetch_all(&pool)
+    .await
+    .map_err(|error| {
+        warn!(error = %error, holds = holds.len(), "placing a batch of holds failed");
+        classify(error)
+    })?;
+
+    Ok(holds
+        .into_iter()
+        .zip(rows)
+        .map(|(hold, row)| match row.get::<&str, _>("outcome") {
+            "ok" => Ok(()),
+            "duplicate" => Err(LedgerError::DuplicateHold(hold.request_id)),
+            "no_account" => Err(LedgerError::AccountNotFound(hold.account_id)),
+            _ => Err(LedgerError::InsufficientFunds {
+                available: MicroUsd::new(row.get::<Option<i64>, _>("available").unwrap_or(0)),
+                requested: hold.amount,
+            }),
+        })
+        .collect())
+}
+
+/// Settles a batch with one call of `switchyard_settle_batch`.
+async fn settle_all(
+    pool: PgPool,
+    settlements: Vec<Settlement>,
+) -> Result<Vec<Result<SettlementReceipt, LedgerError>>, LedgerError> {
+    let rows = sqlx::query(
+        "SELECT item, outcome, hold_amount, charged, provider_earning, platform_fee
+         FROM switchyard_settle_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+         ORDER BY item",
+    )
+    .bind(
+        settlements
+            .iter()
+            .map(|item| item.request_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        settlements
+            .iter()
+            .map(|item| item.cost.get())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        settlements
+            .iter()
+            .map(|item| i32::try_from(item.platform_fee_bps).unwrap_or(i32::MAX))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        settlements
+            .iter()
+            .map(|item| item.provider_account.as_ref().map(AccountId::as_str))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        settlements
+            .iter()
+            .map(|item| item.provider_key.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        settlements
+            .iter()
+            .map(|item| item.node_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        settlements
+            .iter()
+            .map(|item| item.model.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        settlements
+            .iter()
+            .map(|item| to_i64(item.prompt_tokens))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        settlements
+            .iter()
+            .map(|item| to_i64(item.completion_tokens))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        settlements
+            .iter()
+            .map(|item| item.outcome.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .fetch_all(&pool)
+    .await
+    .map_err(|error| {
+        warn!(error = %error, settlements = settlements.len(), "settling a batch failed");
+        classify(error)
+    })?;
+
+    Ok(settlements
+        .into_iter()
+        .zip(rows)
+        .map(|(settlement, row)| {
+            if row.get::<&str, _>("outcome") == "not_found" {
+                return Err(LedgerError::HoldNotFound(settlement.request_id));
+            }
+            let amount =
+                |column: &str| MicroUsd::new(row.get::<Option<i64>, _>(column).unwrap_or(0));
+            let charged = amount("charged");
+            Ok(SettlementReceipt {
+                charged,
+                released: amount("hold_amount") - charged,
+                provider_earning: amount("provider_earning"),
+                platform_fee: amount("platform_fee"),
+            })
+        })
+        .collect())
+}
+
 fn to_u64(value: i64) -> u64 {
     u64::try_from(value).unwrap_or(0)
 }
@@ -200,60 +376,11 @@ impl Ledger for PgLedger {
         if hold.amount < MicroUsd::ZERO {
             return Err(LedgerError::InvalidAmount(hold.amount));
         }
-
-        let row =
-            sqlx::query("SELECT outcome, available FROM switchyard_place_hold($1, $2, $3, $4, $5)")
-                .bind(hold.request_id.as_str())
-                .bind(hold.account_id.as_str())
-                .bind(&hold.key_prefix)
-                .bind(hold.amount.get())
-                .bind(hold.node_id.as_str())
-                .fetch_one(&self.pool)
-                .await
-                .map_err(classify)?;
-
-        match row.get::<&str, _>("outcome") {
-            "ok" => Ok(()),
-            "duplicate" => Err(LedgerError::DuplicateHold(hold.request_id)),
-            "no_account" => Err(LedgerError::AccountNotFound(hold.account_id)),
-            _ => Err(LedgerError::InsufficientFunds {
-                available: MicroUsd::new(row.get::<Option<i64>, _>("available").unwrap_or(0)),
-                requested: hold.amount,
-            }),
-        }
+        self.hold_batcher().submit(hold).await
     }
 
     async fn settle(&self, settlement: Settlement) -> Result<SettlementReceipt, LedgerError> {
-        let fee_bps = i32::try_from(settlement.platform_fee_bps).unwrap_or(i32::MAX);
-        let row = sqlx::query(
-            "SELECT outcome, hold_amount, charged, provider_earning, platform_fee
-             FROM switchyard_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-        )
-        .bind(settlement.request_id.as_str())
-        .bind(settlement.cost.get())
-        .bind(fee_bps)
-        .bind(settlement.provider_account.as_ref().map(AccountId::as_str))
-        .bind(&settlement.provider_key)
-        .bind(settlement.node_id.as_str())
-        .bind(settlement.model.as_str())
-        .bind(to_i64(settlement.prompt_tokens))
-        .bind(to_i64(settlement.completion_tokens))
-        .bind(settlement.outcome.as_str())
-        .fetch_one(&self.pool)
-        .await
-        .map_err(classify)?;
-
-        if row.get::<&str, _>("outcome") == "not_found" {
-            return Err(LedgerError::HoldNotFound(settlement.request_id));
-        }
-        let amount = |column: &str| MicroUsd::new(row.get::<Option<i64>, _>(column).unwrap_or(0));
-        let charged = amount("charged");
-        Ok(SettlementReceipt {
-            charged,
-            released: amount("hold_amount") - charged,
-            provider_earning: amount("provider_earning"),
-            platform_fee: amount("platform_fee"),
-        })
+        self.settlement_batcher().submit(settlement).await
     }
 
     async fn release(&self, request_id: &ConsumerRequestId) -> Result<(), LedgerError> {

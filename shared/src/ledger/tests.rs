@@ -55,7 +55,7 @@ where
 {
     let database = TestDatabase::create()
         .await
-        .expect("test database is created (is Postgres running at SWITCHYARD_TEST_DATABASE_URL?)");
+        .expect("test database is created and migrated");
     let ledger = database
         .ledger(POOL_SIZE)
         .expect("test database URL is valid");
@@ -393,7 +393,7 @@ async fn settle_charges_and_pays_provider(ledger: &dyn Ledger) {
         record.created_at_ms
     );
 
-    // Usage is the consumer's history; the provider account has none.
+    // Usage is recorded for the consumer, so the provider account has none.
     assert_eq!(usage_of(ledger, &provider()).await, Vec::new());
 }
 
@@ -691,8 +691,8 @@ async fn concurrent_holds_never_overdraw(ledger: Arc<dyn Ledger>) {
         );
         match result {
             Ok(()) => succeeded += 1,
-            // Holds only ever take money here, so a hold fails only once nine
-            // holds have left 5 available.
+            // No hold is released here, so a hold fails only after nine holds
+            // have left 5 available.
             Err(error) => assert_eq!(
                 error,
                 LedgerError::InsufficientFunds {
@@ -714,13 +714,15 @@ async fn concurrent_holds_never_overdraw(ledger: Arc<dyn Ledger>) {
     );
 }
 
-/// Cost of lifecycle `index`: spread over 0..=100, the hold of every lifecycle.
+/// Returns the settlement cost of lifecycle `index`, spread over 0 to 100, which
+/// is the hold of every lifecycle.
 fn lifecycle_cost(index: i64) -> i64 {
     index * 37 % 101
 }
 
-/// Ends lifecycle `index` after a successful hold: every fourth one is
-/// released, the others are settled at [`lifecycle_cost`].
+/// Ends lifecycle `index` after its hold succeeded. Every fourth lifecycle is
+/// released, and the others are settled at [`lifecycle_cost`]. Returns the
+/// receipt, or a receipt with a zero charge for a release.
 async fn finish_lifecycle(ledger: &dyn Ledger, index: i64) -> SettlementReceipt {
     let id = format!("r{index}");
     if index % 4 == 0 {
@@ -742,7 +744,7 @@ async fn finish_lifecycle(ledger: &dyn Ledger, index: i64) -> SettlementReceipt 
     receipt
 }
 
-/// Checks the consumer and provider accounts after concurrent lifecycles that
+/// Asserts the consumer and provider balances after concurrent lifecycles that
 /// charged `charged` and earned the provider `earned`, from an opening balance
 /// of 1000.
 async fn assert_lifecycles_balanced(ledger: &dyn Ledger, charged: MicroUsd, earned: MicroUsd) {
@@ -789,13 +791,13 @@ async fn concurrent_lifecycles_cap_holds(ledger: Arc<dyn Ledger>) {
         });
     }
 
-    let mut held = 0;
+    let mut placed = 0;
     let mut charged = MicroUsd::ZERO;
     let mut earned = MicroUsd::ZERO;
     while let Some(joined) = tasks.join_next().await {
         match joined.expect("lifecycle task did not panic") {
             Ok(receipt) => {
-                held += 1;
+                placed += 1;
                 charged = charged + receipt.charged;
                 earned = earned + receipt.provider_earning;
             }
@@ -809,7 +811,10 @@ async fn concurrent_lifecycles_cap_holds(ledger: Arc<dyn Ledger>) {
         }
     }
 
-    assert_eq!(held, 10, "a balance of 1000 covers exactly 10 holds of 100");
+    assert_eq!(
+        placed, 10,
+        "a balance of 1000 covers exactly 10 holds of 100"
+    );
     assert_lifecycles_balanced(ledger.as_ref(), charged, earned).await;
 }
 
@@ -833,13 +838,13 @@ async fn interleaved_lifecycles_balance(ledger: Arc<dyn Ledger>) {
         });
     }
 
-    let mut held = 0;
+    let mut placed = 0;
     let mut charged = MicroUsd::ZERO;
     let mut earned = MicroUsd::ZERO;
     while let Some(joined) = tasks.join_next().await {
         match joined.expect("lifecycle task did not panic") {
             Ok(receipt) => {
-                held += 1;
+                placed += 1;
                 charged = charged + receipt.charged;
                 earned = earned + receipt.provider_earning;
             }
@@ -857,7 +862,7 @@ async fn interleaved_lifecycles_balance(ledger: Arc<dyn Ledger>) {
         }
     }
 
-    assert!(held >= 1, "no hold succeeded");
+    assert!(placed >= 1, "no hold succeeded");
     assert_lifecycles_balanced(ledger.as_ref(), charged, earned).await;
 }
 
@@ -869,11 +874,10 @@ mod mutual_settlements_succeed {
         super::run_on_memory(super::mutual_settlements_succeed).await;
     }
 
-    // TODO: switchyard_settle updates the consumer's account row before the
-    // provider's, so two settlements in opposite directions can each hold the
-    // row the other needs. Postgres aborts one with a deadlock (40P01), and the
-    // waiting transactions exhaust the pool. Locking both rows in id order would
-    // avoid it.
+    // TODO: switchyard_settle locks the consumer's account row, then the
+    // provider's, so settlements in opposite directions deadlock (40P01) and
+    // the waiting transactions exhaust the pool. Locking both rows in id order
+    // would avoid it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     #[ignore = "Postgres settlements between two accounts that pay each other deadlock"]
     async fn postgres() {
@@ -897,7 +901,8 @@ async fn mutual_settlements_succeed(ledger: Arc<dyn Ledger>) {
             .expect("account exists");
     }
 
-    // Even requests are Alice's, served by Bob; odd ones the other way round.
+    // Alice sends the even requests, which Bob serves. Bob sends the odd ones,
+    // which Alice serves.
     let parties = |index: usize| match index % 2 {
         0 => (alice.clone(), bob.clone()),
         _ => (bob.clone(), alice.clone()),
@@ -1081,7 +1086,7 @@ async fn revoked_key_not_found(ledger: &dyn Ledger) {
         .issue_api_key(&consumer(), "old")
         .await
         .expect("account exists");
-    let kept = ledger
+    let other_key = ledger
         .issue_api_key(&consumer(), "new")
         .await
         .expect("account exists");
@@ -1100,7 +1105,7 @@ async fn revoked_key_not_found(ledger: &dyn Ledger) {
 
     // Other keys of the account still work.
     let info = ledger
-        .authenticate(SecretHash::of(&kept.secret))
+        .authenticate(SecretHash::of(&other_key.secret))
         .await
         .expect("ledger is available");
     assert_eq!(info.map(|info| info.account_id), Some(consumer()));
@@ -1266,7 +1271,7 @@ async fn usage_pages_newest_first(ledger: &dyn Ledger) {
         .collect();
     assert_eq!(ids, ["r1"]);
 
-    // Another account sees none of the consumer's requests.
+    // The usage of another account contains none of the consumer's requests.
     assert_eq!(usage_of(ledger, &provider()).await, Vec::new());
 }
 
@@ -1300,8 +1305,8 @@ async fn stale_holds_released_once(ledger: &dyn Ledger) {
     assert_entries_match(ledger, &consumer()).await;
     assert_entries_match(ledger, &provider()).await;
 
-    // r3 is still settled with its charge; r1 was released, so settling it
-    // now charges nothing.
+    // r3 is still settled with its charge. r1 was released, so settling it now
+    // charges nothing.
     assert_eq!(settle(ledger, "r3", 1_001).await, receipt);
     let late = settle(ledger, "r1", 500).await;
     assert_eq!(late.charged, MicroUsd::ZERO);
@@ -1316,8 +1321,8 @@ async fn stale_holds_released_once(ledger: &dyn Ledger) {
     assert_eq!(balance_of(ledger, &consumer()).await.balance, micro(8_999));
 }
 
-contract_test!(check_succeeds);
-async fn check_succeeds(ledger: &dyn Ledger) {
+contract_test!(backend_check_succeeds);
+async fn backend_check_succeeds(ledger: &dyn Ledger) {
     assert_eq!(ledger.check().await, Ok(()));
 }
 
