@@ -82,3 +82,35 @@ BEGIN
     END LOOP;
 END;
 $$;
+
+-- Releases take the account lock before the hold lock, as the batches do, so a
+-- release racing a settlement of the same request waits instead of deadlocking.
+CREATE OR REPLACE FUNCTION switchyard_release_hold(p_request_id TEXT) RETURNS TEXT
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_hold holds%ROWTYPE;
+    v_balance BIGINT;
+BEGIN
+    PERFORM 1 FROM accounts
+    WHERE id = (SELECT account_id FROM holds WHERE request_id = p_request_id)
+    FOR UPDATE;
+
+    SELECT * INTO v_hold FROM holds WHERE request_id = p_request_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN 'not_found';
+    END IF;
+    IF v_hold.state <> 'open' THEN
+        RETURN 'closed';
+    END IF;
+
+    UPDATE holds SET state = 'released', closed_at = now() WHERE request_id = p_request_id;
+    UPDATE accounts
+    SET balance_micro_usd = balance_micro_usd + v_hold.amount_micro_usd,
+        held_micro_usd = held_micro_usd - v_hold.amount_micro_usd
+    WHERE id = v_hold.account_id
+    RETURNING balance_micro_usd INTO v_balance;
+    INSERT INTO ledger_entries (account_id, kind, reference, amount_micro_usd, balance_after_micro_usd)
+    VALUES (v_hold.account_id, 'release', p_request_id, v_hold.amount_micro_usd, v_balance);
+    RETURN 'released';
+END;
+$$;

@@ -199,6 +199,43 @@ mod tests {
         assert_eq!(split.provider_earning, MicroUsd::new(951));
     }
 
+    /// The worked examples of `docs/billing.md`.
+    #[test]
+    fn billing_doc_worked_examples() {
+        let trinity = Prices {
+            input_per_mtok: MicroUsd::new(23_000),
+            output_per_mtok: MicroUsd::new(75_000),
+            min_charge: MicroUsd::new(100),
+        };
+        let split = |cost: i64| FeeSplit::of(MicroUsd::new(cost), 500);
+
+        assert_eq!(trinity.cost(15, 16), MicroUsd::new(100));
+        assert_eq!(
+            split(100),
+            FeeSplit {
+                provider_earning: MicroUsd::new(95),
+                platform_fee: MicroUsd::new(5)
+            }
+        );
+
+        assert_eq!(trinity.cost(1_000_000, 1_000_000), MicroUsd::new(98_000));
+        assert_eq!(
+            split(98_000),
+            FeeSplit {
+                provider_earning: MicroUsd::new(93_100),
+                platform_fee: MicroUsd::new(4_900)
+            }
+        );
+
+        assert_eq!(
+            split(5_000),
+            FeeSplit {
+                provider_earning: MicroUsd::new(4_750),
+                platform_fee: MicroUsd::new(250)
+            }
+        );
+    }
+
     #[test]
     fn parse_usd_is_exact() {
         assert_eq!(MicroUsd::parse_usd("12.5"), Ok(MicroUsd::new(12_500_000)));

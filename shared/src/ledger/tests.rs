@@ -866,27 +866,10 @@ async fn interleaved_lifecycles_balance(ledger: Arc<dyn Ledger>) {
     assert_lifecycles_balanced(ledger.as_ref(), charged, earned).await;
 }
 
-// Written out instead of with contract_test! so that the Postgres test can be
-// ignored on its own.
-mod mutual_settlements_succeed {
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn memory() {
-        super::run_on_memory(super::mutual_settlements_succeed).await;
-    }
-
-    // TODO: switchyard_settle locks the consumer's account row, then the
-    // provider's, so settlements in opposite directions deadlock (40P01) and
-    // the waiting transactions exhaust the pool. Locking both rows in id order
-    // would avoid it.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    #[ignore = "Postgres settlements between two accounts that pay each other deadlock"]
-    async fn postgres() {
-        super::run_on_postgres(super::mutual_settlements_succeed).await;
-    }
-}
-
+contract_test!(mutual_settlements_succeed, concurrent);
 /// Settles requests concurrently between two accounts that are each other's
-/// provider, as an operator who both consumes and serves would be.
+/// provider, as an operator who both consumes and serves would be. Postgres
+/// deadlocks here unless settlements lock account rows in one order.
 async fn mutual_settlements_succeed(ledger: Arc<dyn Ledger>) {
     let alice = AccountId::new("alice");
     let bob = AccountId::new("bob");
