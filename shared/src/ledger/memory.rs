@@ -61,20 +61,37 @@ impl MemoryState {
         reference: &str,
         amount: MicroUsd,
     ) -> bool {
-        if !self
-            .entries
-            .insert((kind, reference.to_owned(), account.clone()))
-        {
-            return false;
-        }
-        let entry = self.accounts.entry(account.clone()).or_default();
-        entry.available = entry.available + amount;
-        entry.entries_total = entry.entries_total + amount;
-        if kind == EntryKind::Earning {
-            entry.earnings = entry.earnings + amount;
-        }
-        true
+        apply_entry(
+            &mut self.accounts,
+            &mut self.entries,
+            account,
+            kind,
+            reference,
+            amount,
+        )
     }
+}
+
+/// Applies one ledger entry to the maps it touches, which lets a caller hold
+/// other borrows of the state at the same time.
+fn apply_entry(
+    accounts: &mut HashMap<AccountId, Account>,
+    entries: &mut std::collections::HashSet<(EntryKind, String, AccountId)>,
+    account: &AccountId,
+    kind: EntryKind,
+    reference: &str,
+    amount: MicroUsd,
+) -> bool {
+    if !entries.insert((kind, reference.to_owned(), account.clone())) {
+        return false;
+    }
+    let entry = accounts.entry(account.clone()).or_default();
+    entry.available = entry.available + amount;
+    entry.entries_total = entry.entries_total + amount;
+    if kind == EntryKind::Earning {
+        entry.earnings = entry.earnings + amount;
+    }
+    true
 }
 
 /// An in-process ledger. State lives in one mutex: every operation is a few map
@@ -318,19 +335,29 @@ impl Ledger for MemoryLedger {
     }
 
     async fn release_stale_holds(&self, older_than: Duration) -> Result<u64, LedgerError> {
-        let stale: Vec<ConsumerRequestId> = self
-            .lock()
-            .holds
-            .iter()
-            .filter(|(_, hold)| {
-                hold.state == HoldState::Open && hold.created.elapsed() >= older_than
-            })
-            .map(|(id, _)| id.clone())
-            .collect();
-        for request_id in &stale {
-            self.release(request_id).await?;
+        // One pass under the lock, so concurrent sweeps never release a hold twice.
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let mut released = 0;
+        for (request_id, hold) in state.holds.iter_mut() {
+            if hold.state != HoldState::Open || hold.created.elapsed() < older_than {
+                continue;
+            }
+            hold.state = HoldState::Released;
+            if let Some(account) = state.accounts.get_mut(&hold.account_id) {
+                account.held = account.held - hold.amount;
+            }
+            apply_entry(
+                &mut state.accounts,
+                &mut state.entries,
+                &hold.account_id,
+                EntryKind::Release,
+                request_id.as_str(),
+                hold.amount,
+            );
+            released += 1;
         }
-        Ok(stale.len() as u64)
+        Ok(released)
     }
 
     async fn check(&self) -> Result<(), LedgerError> {

@@ -34,7 +34,7 @@ use crate::money::MicroUsd;
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 
 /// Advisory lock key held by the node that sweeps stale holds ("SWEEPER" in ASCII).
-const SWEEPER_LOCK_KEY: i64 = 0x5357_4545_5045_52;
+const SWEEPER_LOCK_KEY: i64 = 0x0053_5745_4550_4552;
 
 /// Most holds or settlements sent in one call.
 const MAX_BATCH: usize = 64;
@@ -135,6 +135,21 @@ impl PgLedger {
             return Err(LedgerError::SchemaMismatch { found, expected });
         }
         Ok(())
+    }
+
+    /// Releases a hold; returns whether this call released it (false when it was
+    /// already settled or released).
+    async fn release_hold(&self, request_id: &ConsumerRequestId) -> Result<bool, LedgerError> {
+        let outcome: String = sqlx::query_scalar("SELECT switchyard_release_hold($1)")
+            .bind(request_id.as_str())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(classify)?;
+        match outcome.as_str() {
+            "not_found" => Err(LedgerError::HoldNotFound(request_id.clone())),
+            "released" => Ok(true),
+            _ => Ok(false),
+        }
     }
 
     /// Runs `body` in one transaction, committing if it returns `Ok`.
@@ -384,15 +399,7 @@ impl Ledger for PgLedger {
     }
 
     async fn release(&self, request_id: &ConsumerRequestId) -> Result<(), LedgerError> {
-        let outcome: String = sqlx::query_scalar("SELECT switchyard_release_hold($1)")
-            .bind(request_id.as_str())
-            .fetch_one(&self.pool)
-            .await
-            .map_err(classify)?;
-        match outcome.as_str() {
-            "not_found" => Err(LedgerError::HoldNotFound(request_id.clone())),
-            _ => Ok(()),
-        }
+        self.release_hold(request_id).await.map(|_| ())
     }
 
     async fn balance(&self, account: &AccountId) -> Result<AccountBalance, LedgerError> {
@@ -463,14 +470,18 @@ impl Ledger for PgLedger {
     }
 
     async fn entries_total(&self, account: &AccountId) -> Result<MicroUsd, LedgerError> {
-        let total: Option<i64> = sqlx::query_scalar(
-            "SELECT sum(amount_micro_usd)::BIGINT FROM ledger_entries WHERE account_id = $1",
+        let total: Option<Option<i64>> = sqlx::query_scalar(
+            "SELECT (SELECT sum(amount_micro_usd)::BIGINT FROM ledger_entries WHERE account_id = $1)
+             FROM accounts WHERE id = $1",
         )
         .bind(account.as_str())
-        .fetch_one(&self.pool)
+        .fetch_optional(&self.pool)
         .await
         .map_err(classify)?;
-        Ok(MicroUsd::new(total.unwrap_or(0)))
+        match total {
+            Some(sum) => Ok(MicroUsd::new(sum.unwrap_or(0))),
+            None => Err(LedgerError::AccountNotFound(account.clone())),
+        }
     }
 
     async fn release_stale_holds(&self, older_than: Duration) -> Result<u64, LedgerError> {
@@ -500,9 +511,13 @@ impl Ledger for PgLedger {
         let mut released = 0;
         for request_id in stale {
             // Each release locks its hold and rechecks the state, so a hold settled
-            // meanwhile is left alone.
-            self.release(&ConsumerRequestId::new(request_id)).await?;
-            released += 1;
+            // meanwhile is left alone and not counted.
+            if self
+                .release_hold(&ConsumerRequestId::new(request_id))
+                .await?
+            {
+                released += 1;
+            }
         }
         transaction.commit().await.map_err(classify)?;
         Ok(released)

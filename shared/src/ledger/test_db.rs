@@ -44,7 +44,15 @@ impl TestDatabase {
             url,
             server_url,
         };
-        database.ledger(4)?.migrate().await?;
+        let migrated = match database.ledger(4) {
+            Ok(ledger) => ledger.migrate().await,
+            Err(error) => Err(error),
+        };
+        if let Err(error) = migrated {
+            // Leave no half-made database behind.
+            let _ = database.drop_database().await;
+            return Err(error);
+        }
         Ok(database)
     }
 
