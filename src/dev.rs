@@ -10,9 +10,12 @@ use anyhow::Context as _;
 use switchyard_coordinator::{NodeConfig, NodeState};
 use switchyard_loadtest::sim::{SimProvider, SimProviderConfig};
 use switchyard_router::{NodeAddress, RouterConfig, RouterState};
-use switchyard_shared::catalog::Catalog;
+use switchyard_shared::catalog::{Catalog, SharedCatalog};
 use switchyard_shared::ids::{AccountId, NodeId};
-use switchyard_shared::ledger::{Ledger, MemoryLedger, PgLedger, SecretHash, generate_secret};
+use switchyard_shared::ledger::{
+    Ledger, MemoryLedger, PgLedger, SecretHash, generate_secret, spawn_catalog_refresh,
+    sync_catalog,
+};
 use switchyard_shared::money::MicroUsd;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
@@ -114,6 +117,9 @@ impl DevCluster {
         let provider_token = ledger.issue_provider_token(&provider_account).await?.secret;
         let shared_ledger = ledger.clone();
 
+        let catalog =
+            start_catalog(shared_ledger.clone(), options.catalog.clone(), &shutdown).await;
+
         let mut servers = JoinSet::new();
         let mut nodes = Vec::new();
         let mut addresses = Vec::new();
@@ -130,7 +136,7 @@ impl DevCluster {
                 .await
                 .context("failed to bind a coordinator node port on 127.0.0.1")?;
             let address = listener.local_addr()?;
-            let state = NodeState::new(config, options.catalog.clone(), shared_ledger.clone());
+            let state = NodeState::new(config, catalog.clone(), shared_ledger.clone());
             let node_shutdown = state.shutdown.clone();
             let root = shutdown.clone();
             tokio::spawn(async move {
@@ -152,7 +158,7 @@ impl DevCluster {
         let mut router_config = RouterConfig::new(addresses, cluster_token);
         router_config.max_body_bytes = options.max_body_bytes;
         router_config.admin_token = options.admin_token.clone();
-        let router = RouterState::new(router_config, options.catalog.clone(), shared_ledger);
+        let router = RouterState::new(router_config, catalog.clone(), shared_ledger);
         let router_shutdown = router.shutdown.clone();
         let root = shutdown.clone();
         tokio::spawn(async move {
@@ -213,6 +219,31 @@ impl DevCluster {
         }
         while self.servers.join_next().await.is_some() {}
     }
+}
+
+/// How often roles reload the model catalog from the ledger.
+pub const CATALOG_REFRESH: Duration = Duration::from_secs(5);
+
+/// Loads the model catalog from the ledger (seeding the ledger's model table from
+/// `seed` when it is empty) and keeps reloading it until `shutdown`. If the
+/// ledger cannot be read at start, the role starts with `seed`.
+pub async fn start_catalog(
+    ledger: Arc<dyn Ledger>,
+    seed: Catalog,
+    shutdown: &CancellationToken,
+) -> Arc<SharedCatalog> {
+    let catalog = Arc::new(SharedCatalog::new(seed.clone()));
+    if let Err(error) = sync_catalog(ledger.as_ref(), &seed, &catalog).await {
+        tracing::warn!(error = %error, "failed to load the model catalog from the ledger; using the configured one");
+    }
+    spawn_catalog_refresh(
+        ledger,
+        seed,
+        catalog.clone(),
+        CATALOG_REFRESH,
+        shutdown.child_token(),
+    );
+    catalog
 }
 
 /// Opens the Postgres ledger at `url` and migrates it, or makes an in-memory one.

@@ -85,6 +85,29 @@ enum AdminCommand {
     IssueProviderToken { id: String },
     /// Print an account's balance.
     Balance { id: String },
+    /// Create or replace a model's prices; running roles pick it up within
+    /// seconds.
+    SetModel {
+        id: String,
+        /// Micro-USD per million prompt tokens.
+        #[arg(long)]
+        input_per_mtok: i64,
+        /// Micro-USD per million completion tokens.
+        #[arg(long)]
+        output_per_mtok: i64,
+        /// Smallest charge of a charged request, in micro-USD.
+        #[arg(long, default_value_t = 0)]
+        min_charge: i64,
+        /// Completion limit of requests that set none.
+        #[arg(long, default_value_t = 8192)]
+        default_max_tokens: u32,
+        /// Nodes that host the model's providers.
+        #[arg(long, default_value_t = 1)]
+        replicas: u32,
+        /// Keep the model in the catalog but serve no requests for it.
+        #[arg(long)]
+        disabled: bool,
+    },
 }
 
 #[derive(Args)]
@@ -451,6 +474,34 @@ async fn run_admin(args: AdminArgs) -> anyhow::Result<()> {
                 issued.display_prefix
             );
         }
+        AdminCommand::SetModel {
+            id,
+            input_per_mtok,
+            output_per_mtok,
+            min_charge,
+            default_max_tokens,
+            replicas,
+            disabled,
+        } => {
+            let entry = switchyard_shared::catalog::ModelEntry {
+                id: switchyard_shared::ids::ModelId::new(&id),
+                input_per_mtok,
+                output_per_mtok,
+                min_charge,
+                default_max_tokens,
+                replicas,
+                enabled: !disabled,
+                weight_hash: None,
+            };
+            switchyard_shared::catalog::validate_entry(&entry)?;
+            // A first model in an empty table would become the whole catalog.
+            anyhow::ensure!(
+                !ledger.list_models().await?.is_empty(),
+                "the model table is empty; start a router or node once so it seeds the table from its catalog"
+            );
+            ledger.upsert_model(&entry).await?;
+            println!("model {id} set");
+        }
         AdminCommand::Balance { id } => {
             let balance = ledger.balance(&AccountId::new(&id)).await?;
             println!(
@@ -506,12 +557,15 @@ async fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     config.min_trust = args.min_trust;
     config.heartbeat_timeout = Duration::from_secs(args.heartbeat_timeout_secs.max(1));
 
-    let state = NodeState::new(config, args.catalog.load()?, args.ledger.open().await?);
+    let ledger = args.ledger.open().await?;
+    let shutdown = shutdown_on_signal();
+    let catalog =
+        switchyard::dev::start_catalog(ledger.clone(), args.catalog.load()?, &shutdown).await;
+    let state = NodeState::new(config, catalog, ledger);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("failed to bind {}", args.listen))?;
 
-    let shutdown = shutdown_on_signal();
     let node_shutdown = state.shutdown.clone();
     tokio::spawn(async move {
         shutdown.cancelled().await;
@@ -526,12 +580,15 @@ async fn run_router(args: RouterArgs) -> anyhow::Result<()> {
     config.max_body_bytes = args.max_body_bytes;
     config.admin_token = args.admin_token;
 
-    let state = RouterState::new(config, args.catalog.load()?, args.ledger.open().await?);
+    let ledger = args.ledger.open().await?;
+    let shutdown = shutdown_on_signal();
+    let catalog =
+        switchyard::dev::start_catalog(ledger.clone(), args.catalog.load()?, &shutdown).await;
+    let state = RouterState::new(config, catalog, ledger);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("failed to bind {}", args.listen))?;
 
-    let shutdown = shutdown_on_signal();
     let router_shutdown = state.shutdown.clone();
     tokio::spawn(async move {
         shutdown.cancelled().await;

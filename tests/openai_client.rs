@@ -176,7 +176,10 @@ async fn openai_lists_models() {
     let models = client(&cluster).models().list().await.unwrap();
     let ids: Vec<&str> = models.data.iter().map(|model| model.id.as_str()).collect();
     assert!(ids.contains(&MODEL), "{ids:?}");
-    assert_eq!(ids.len(), cluster.router.catalog.enabled().count());
+    assert_eq!(
+        ids.len(),
+        cluster.router.catalog.snapshot().enabled().count()
+    );
     cluster.shutdown().await;
 }
 
@@ -188,6 +191,7 @@ async fn every_model_served_through_router() {
     let models: Vec<String> = cluster
         .router
         .catalog
+        .snapshot()
         .enabled()
         .map(|entry| entry.id.to_string())
         .collect();

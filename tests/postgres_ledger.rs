@@ -19,7 +19,7 @@ use switchyard_coordinator::NodeConfig;
 use switchyard_loadtest::sim::Behavior;
 use switchyard_shared::ids::{ConsumerRequestId, NodeId};
 use switchyard_shared::ledger::test_db::TestDatabase;
-use switchyard_shared::ledger::{HoldRequest, Outcome};
+use switchyard_shared::ledger::{HoldRequest, Ledger as _, Outcome};
 use switchyard_shared::money::{FeeSplit, MicroUsd};
 
 use common::MODEL;
@@ -370,5 +370,216 @@ async fn roles_refuse_unknown_schema() {
     let error = ledger.check_schema().await.unwrap_err();
     assert!(error.to_string().contains("switchyard migrate"), "{error}");
     drop(ledger);
+    database.drop_database().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_manages_accounts() {
+    let database = TestDatabase::create().await.unwrap();
+    let mut options = common::options(0);
+    options.admin_token = Some("admin-secret".to_owned());
+    let cluster = start_on(&database, options).await;
+    let _provider = common::add_provider(&cluster, &[MODEL], |_| {}).await;
+    let client = reqwest::Client::new();
+    let admin = |path: &str| format!("http://{}/admin/v1/{path}", cluster.router_address);
+    let api = |path: &str| format!("http://{}/v1/{path}", cluster.router_address);
+
+    // Wrong token: rejected, nothing created.
+    let response = client
+        .post(admin("accounts"))
+        .bearer_auth("wrong")
+        .json(&json!({"id": "acme"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+
+    let response = client
+        .post(admin("accounts"))
+        .bearer_auth("admin-secret")
+        .json(&json!({"id": "acme"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let response = client
+        .post(admin("accounts/acme/credits"))
+        .bearer_auth("admin-secret")
+        .json(&json!({"amount_usd": "0.05", "reference": "deposit-1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // The same reference again adds nothing.
+    client
+        .post(admin("accounts/acme/credits"))
+        .bearer_auth("admin-secret")
+        .json(&json!({"amount_usd": "0.05", "reference": "deposit-1"}))
+        .send()
+        .await
+        .unwrap();
+    let bad = client
+        .post(admin("accounts/acme/credits"))
+        .bearer_auth("admin-secret")
+        .json(&json!({"amount_usd": "0.0000001", "reference": "deposit-2"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    assert_eq!(
+        bad.json::<serde_json::Value>().await.unwrap()["error"]["param"],
+        "amount_usd"
+    );
+
+    let issued: serde_json::Value = client
+        .post(admin("accounts/acme/keys"))
+        .bearer_auth("admin-secret")
+        .json(&json!({"name": "ci"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = issued["key"].as_str().unwrap().to_owned();
+    let prefix = issued["display_prefix"].as_str().unwrap().to_owned();
+
+    let account: serde_json::Value = client
+        .get(api("account"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(account["id"], "acme");
+    assert_eq!(account["balance_micro_usd"], 50_000);
+
+    // New prices apply to the next request.
+    let response = client
+        .put(admin(&format!("models/{MODEL}")))
+        .bearer_auth("admin-secret")
+        .json(&json!({"input_per_mtok": 1_000_000, "output_per_mtok": 2_000_000, "min_charge": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    common::eventually("every node uses the new prices", async || {
+        cluster
+            .nodes
+            .iter()
+            .all(|node| node.catalog.get(MODEL).unwrap().input_per_mtok == 1_000_000)
+    })
+    .await;
+    let body = json!({"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "one two three"}]});
+    let response = client
+        .post(api("chat/completions"))
+        .bearer_auth(&key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let usage = cluster
+        .ledger
+        .usage(&switchyard_shared::ids::AccountId::from("acme"), 1, None)
+        .await
+        .unwrap();
+    let expected = usage[0].prompt_tokens + 2 * usage[0].completion_tokens;
+    assert_eq!(
+        usage[0].cost,
+        MicroUsd::new(expected as i64),
+        "1 and 2 micro-USD per token"
+    );
+
+    let history: serde_json::Value = client
+        .get(api("account/usage?limit=5"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(history["data"].as_array().unwrap().len(), 1);
+    assert_eq!(history["data"][0]["cost_micro_usd"], expected);
+
+    let revoked = client
+        .delete(admin(&format!("keys/{prefix}")))
+        .bearer_auth("admin-secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 204);
+    let response = client
+        .get(api("account"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        401,
+        "a revoked key stops working on the router that revoked it"
+    );
+
+    cluster.shutdown().await;
+    database.drop_database().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_settle_once() {
+    let database = TestDatabase::create().await.unwrap();
+    // Two ledgers with their own pools stand for two nodes.
+    let first = database.ledger(4).unwrap();
+    let second = database.ledger(4).unwrap();
+    let consumer = switchyard_shared::ids::AccountId::from("consumer");
+    first.create_account(&consumer).await.unwrap();
+    first
+        .credit(&consumer, MicroUsd::new(1_000_000), "seed")
+        .await
+        .unwrap();
+
+    for index in 0..20 {
+        let request_id = ConsumerRequestId::new(format!("r{index}"));
+        first
+            .place_hold(HoldRequest {
+                request_id: request_id.clone(),
+                account_id: consumer.clone(),
+                key_prefix: String::new(),
+                amount: MicroUsd::new(1_000),
+                node_id: NodeId::from("coordinator-0"),
+            })
+            .await
+            .unwrap();
+        let settlement = switchyard_shared::ledger::Settlement {
+            request_id,
+            model: switchyard_shared::ids::ModelId::from(MODEL),
+            prompt_tokens: 10,
+            completion_tokens: 10,
+            cost: MicroUsd::new(700),
+            platform_fee_bps: 500,
+            provider_account: None,
+            provider_key: "key".to_owned(),
+            node_id: NodeId::from("coordinator-0"),
+            outcome: Outcome::Completed,
+        };
+        let (a, b) = tokio::join!(first.settle(settlement.clone()), second.settle(settlement));
+        assert_eq!(a.unwrap(), b.unwrap(), "both nodes see the same receipt");
+    }
+
+    let balance = first.balance(&consumer).await.unwrap();
+    assert_eq!(
+        balance.balance,
+        MicroUsd::new(1_000_000 - 20 * 700),
+        "each request charged once"
+    );
+    assert_eq!(balance.held, MicroUsd::ZERO);
+    assert_eq!(
+        first.entries_total(&consumer).await.unwrap(),
+        balance.available()
+    );
+    drop((first, second));
     database.drop_database().await.unwrap();
 }

@@ -143,16 +143,12 @@ async fn handle_chat(
 ) -> Result<Response, ApiError> {
     let body = request::parse_chat_request(&body)?;
     let model = request::model_field(&body)?;
-    let entry = state
-        .catalog
-        .get(model)
-        .ok_or_else(|| {
-            ApiError::new(
-                ErrorKind::ModelNotFound,
-                format!("model `{model}` does not exist"),
-            )
-        })?
-        .clone();
+    let entry = state.catalog.get(model).ok_or_else(|| {
+        ApiError::new(
+            ErrorKind::ModelNotFound,
+            format!("model `{model}` does not exist"),
+        )
+    })?;
     tracing::Span::current().record("model", entry.id.as_str());
     let chat = request::validate_chat_request(body, &entry)?;
 

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use switchyard_shared::catalog::Catalog;
+use switchyard_shared::catalog::SharedCatalog;
 use switchyard_shared::ids::ProviderId;
 use switchyard_shared::ledger::Ledger;
 use tokio::net::TcpListener;
@@ -18,7 +18,7 @@ use crate::scheduler::Scheduler;
 /// Everything a node's handlers and sessions share.
 pub struct NodeState {
     pub config: NodeConfig,
-    pub catalog: Catalog,
+    pub catalog: Arc<SharedCatalog>,
     pub ledger: Arc<dyn Ledger>,
     pub scheduler: Arc<Scheduler>,
     providers: RwLock<HashMap<ProviderId, Arc<ProviderHandle>>>,
@@ -29,7 +29,11 @@ pub struct NodeState {
 }
 
 impl NodeState {
-    pub fn new(config: NodeConfig, catalog: Catalog, ledger: Arc<dyn Ledger>) -> Arc<Self> {
+    pub fn new(
+        config: NodeConfig,
+        catalog: Arc<SharedCatalog>,
+        ledger: Arc<dyn Ledger>,
+    ) -> Arc<Self> {
         let scheduler = Scheduler::new(config.queue_capacity);
         Arc::new(Self {
             config,

@@ -163,6 +163,14 @@ async fn register_provider(
         None => None,
     };
 
+    if let Err(error) = node
+        .ledger
+        .record_provider(&public_key_base64, account.as_ref())
+        .await
+    {
+        warn!(error = %error, "failed to record the provider in the ledger");
+    }
+
     // TODO: verify the Secure Enclave attestation and challenge signatures; until
     // then every provider has trust level none and `min_trust` above none routes
     // nothing.

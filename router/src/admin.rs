@@ -9,16 +9,19 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, post};
+use axum::routing::{delete, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 use switchyard_shared::api::{ApiError, ErrorKind};
+use switchyard_shared::catalog::{CatalogError, ModelEntry, validate_entry};
 use switchyard_shared::ids::AccountId;
+use switchyard_shared::ids::ModelId;
 use switchyard_shared::ledger::LedgerError;
+use switchyard_shared::ledger::sync_catalog;
 use switchyard_shared::money::MicroUsd;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::state::RouterState;
 
@@ -32,6 +35,7 @@ pub fn routes() -> Router<Arc<RouterState>> {
             post(issue_provider_token),
         )
         .route("/admin/v1/keys/{prefix}", delete(revoke_key))
+        .route("/admin/v1/models/{*id}", put(set_model))
 }
 
 fn authorize(state: &RouterState, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -214,6 +218,76 @@ async fn issue_provider_token(
         Json(json!({"token": issued.secret, "display_prefix": issued.display_prefix})),
     )
         .into_response())
+}
+
+/// Prices and placement of one model; absent fields keep their defaults.
+#[derive(Deserialize)]
+struct SetModel {
+    input_per_mtok: i64,
+    output_per_mtok: i64,
+    #[serde(default)]
+    min_charge: i64,
+    #[serde(default = "default_max_tokens")]
+    default_max_tokens: u32,
+    #[serde(default = "one")]
+    replicas: u32,
+    #[serde(default = "enabled")]
+    enabled: bool,
+    #[serde(default)]
+    weight_hash: Option<String>,
+}
+
+fn default_max_tokens() -> u32 {
+    8192
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn enabled() -> bool {
+    true
+}
+
+/// `PUT /admin/v1/models/{id}`: creates or replaces a model in the ledger's
+/// catalog. This router uses it at once; other roles within their refresh
+/// interval.
+async fn set_model(
+    State(state): State<Arc<RouterState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers)?;
+    let request: SetModel = parse_body(&body)?;
+    let entry = ModelEntry {
+        id: ModelId::new(id),
+        input_per_mtok: request.input_per_mtok,
+        output_per_mtok: request.output_per_mtok,
+        min_charge: request.min_charge,
+        default_max_tokens: request.default_max_tokens,
+        replicas: request.replicas,
+        enabled: request.enabled,
+        weight_hash: request.weight_hash,
+    };
+    validate_entry(&entry).map_err(|error| match error {
+        CatalogError::InvalidModel { field, reason, .. } => {
+            ApiError::invalid_field(field, format!("`{field}` {reason}"))
+        }
+        other => ApiError::new(ErrorKind::InvalidRequest, other.to_string()),
+    })?;
+
+    state
+        .ledger
+        .upsert_model(&entry)
+        .await
+        .map_err(ledger_error)?;
+    let seed = state.catalog.snapshot();
+    if let Err(error) = sync_catalog(state.ledger.as_ref(), &seed, &state.catalog).await {
+        warn!(error = %error, "failed to reload the catalog after a model change");
+    }
+    info!(model = %entry.id, "model prices set");
+    Ok(Json(serde_json::to_value(&entry).unwrap_or_default()))
 }
 
 async fn revoke_key(

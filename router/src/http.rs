@@ -87,6 +87,7 @@ async fn list_models(
 
     let data: Vec<Value> = state
         .catalog
+        .snapshot()
         .enabled()
         .map(|entry| {
             json!({

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use switchyard_shared::catalog::Catalog;
+use switchyard_shared::catalog::SharedCatalog;
 use switchyard_shared::ids::NodeId;
 use switchyard_shared::ledger::Ledger;
 use switchyard_shared::ring::Ring;
@@ -14,7 +14,7 @@ use crate::config::{NodeAddress, RouterConfig};
 
 pub struct RouterState {
     pub config: RouterConfig,
-    pub catalog: Catalog,
+    pub catalog: Arc<SharedCatalog>,
     pub ledger: Arc<dyn Ledger>,
     pub ring: Ring,
     pub nodes: HashMap<NodeId, NodeAddress>,
@@ -25,7 +25,11 @@ pub struct RouterState {
 }
 
 impl RouterState {
-    pub fn new(config: RouterConfig, catalog: Catalog, ledger: Arc<dyn Ledger>) -> Arc<Self> {
+    pub fn new(
+        config: RouterConfig,
+        catalog: Arc<SharedCatalog>,
+        ledger: Arc<dyn Ledger>,
+    ) -> Arc<Self> {
         let ring = Ring::new(config.nodes.iter().map(|node| node.id.clone()));
         let nodes = config
             .nodes

@@ -1,12 +1,15 @@
 //! The model catalog: which models the cluster serves, at what price, and on how
 //! many nodes.
 //!
-//! A catalog is a JSON file (see `shared/catalog/default.json`, which is also the
-//! built-in default). Every role loads the same file, so routers and nodes agree on
-//! prices and placement.
+//! A catalog starts as a JSON file (see `shared/catalog/default.json`, which is
+//! also the built-in default). With a shared ledger, the file only seeds the
+//! ledger's model table when that is empty; from then on the ledger is the source,
+//! every role reloads it periodically into its [`SharedCatalog`], and operators
+//! change prices there.
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -119,12 +122,20 @@ impl Catalog {
 
     pub fn from_json(text: &str) -> Result<Self, CatalogError> {
         let file: CatalogFile = serde_json::from_str(text)?;
-        if file.platform_fee_bps > 10_000 {
+        Self::from_entries(file.models, file.platform_fee_bps)
+    }
+
+    /// Builds a catalog from entries, validating each.
+    pub fn from_entries(
+        entries: Vec<ModelEntry>,
+        platform_fee_bps: u32,
+    ) -> Result<Self, CatalogError> {
+        if platform_fee_bps > 10_000 {
             return Err(CatalogError::InvalidFee);
         }
 
         let mut models = BTreeMap::new();
-        for entry in file.models {
+        for entry in entries {
             validate_entry(&entry)?;
             let id = entry.id.clone();
             if models.insert(id.clone(), entry).is_some() {
@@ -134,8 +145,13 @@ impl Catalog {
 
         Ok(Self {
             models,
-            platform_fee_bps: file.platform_fee_bps,
+            platform_fee_bps,
         })
+    }
+
+    /// Every model, enabled or not, in id order.
+    pub fn entries(&self) -> impl Iterator<Item = &ModelEntry> {
+        self.models.values()
     }
 
     /// Returns the model if it is in the catalog and enabled.
@@ -156,7 +172,49 @@ impl Catalog {
     }
 }
 
-fn validate_entry(entry: &ModelEntry) -> Result<(), CatalogError> {
+/// The catalog a role uses now. Readers take a snapshot; a refresh swaps in a new
+/// catalog without blocking them for longer than a pointer copy.
+#[derive(Debug)]
+pub struct SharedCatalog {
+    current: RwLock<Arc<Catalog>>,
+}
+
+impl SharedCatalog {
+    pub fn new(catalog: Catalog) -> Self {
+        Self {
+            current: RwLock::new(Arc::new(catalog)),
+        }
+    }
+
+    /// Returns the current catalog.
+    pub fn snapshot(&self) -> Arc<Catalog> {
+        // Replacing the Arc cannot leave it half-written, so a poisoned lock
+        // still holds a valid catalog.
+        self.current
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Returns an enabled model of the current catalog.
+    pub fn get(&self, id: &str) -> Option<ModelEntry> {
+        self.snapshot().get(id).cloned()
+    }
+
+    pub fn platform_fee_bps(&self) -> u32 {
+        self.snapshot().platform_fee_bps()
+    }
+
+    pub fn replace(&self, catalog: Catalog) {
+        *self
+            .current
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(catalog);
+    }
+}
+
+/// Checks one entry; operators' price updates go through the same rules.
+pub fn validate_entry(entry: &ModelEntry) -> Result<(), CatalogError> {
     let invalid = |field, reason| CatalogError::InvalidModel {
         model: entry.id.to_string(),
         field,

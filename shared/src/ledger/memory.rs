@@ -10,6 +10,7 @@ use super::{
     AccountBalance, ApiKeyInfo, EntryKind, HoldRequest, Ledger, LedgerError, SecretHash,
     Settlement, SettlementPlan, SettlementReceipt, UsageRecord, display_prefix,
 };
+use crate::catalog::ModelEntry;
 use crate::ids::{AccountId, ConsumerRequestId};
 use crate::money::MicroUsd;
 
@@ -49,6 +50,8 @@ struct MemoryState {
     entries: std::collections::HashSet<(EntryKind, String, AccountId)>,
     usage: Vec<(AccountId, UsageRecord)>,
     platform_revenue: MicroUsd,
+    models: std::collections::BTreeMap<crate::ids::ModelId, ModelEntry>,
+    providers: HashMap<String, Option<AccountId>>,
 }
 
 impl MemoryState {
@@ -419,6 +422,26 @@ impl Ledger for MemoryLedger {
             }
             None => Err(LedgerError::KeyNotFound(prefix.to_owned())),
         }
+    }
+
+    async fn list_models(&self) -> Result<Vec<ModelEntry>, LedgerError> {
+        Ok(self.lock().models.values().cloned().collect())
+    }
+
+    async fn upsert_model(&self, model: &ModelEntry) -> Result<(), LedgerError> {
+        self.lock().models.insert(model.id.clone(), model.clone());
+        Ok(())
+    }
+
+    async fn record_provider(
+        &self,
+        public_key: &str,
+        account: Option<&AccountId>,
+    ) -> Result<(), LedgerError> {
+        self.lock()
+            .providers
+            .insert(public_key.to_owned(), account.cloned());
+        Ok(())
     }
 
     async fn add_provider_token(

@@ -26,6 +26,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::catalog::{Catalog, ModelEntry, SharedCatalog};
 use crate::ids::{AccountId, ConsumerRequestId, ModelId, NodeId};
 use crate::money::MicroUsd;
 
@@ -383,6 +384,21 @@ pub trait Ledger: Send + Sync + 'static {
         reference: &str,
     ) -> Result<AccountBalance, LedgerError>;
 
+    /// Returns the model table, enabled and disabled models alike; empty when it
+    /// was never seeded.
+    async fn list_models(&self) -> Result<Vec<ModelEntry>, LedgerError>;
+
+    /// Inserts or replaces one model, prices included.
+    async fn upsert_model(&self, model: &ModelEntry) -> Result<(), LedgerError>;
+
+    /// Records that a provider with this X25519 key registered, and the account
+    /// its token linked it to.
+    async fn record_provider(
+        &self,
+        public_key: &str,
+        account: Option<&AccountId>,
+    ) -> Result<(), LedgerError>;
+
     /// Stores the hash of an API key for an account.
     async fn add_api_key(
         &self,
@@ -422,6 +438,64 @@ pub trait Ledger: Send + Sync + 'static {
             secret: token,
         })
     }
+}
+
+/// Seeds the ledger's model table from `seed` if it is empty, then loads the
+/// table into `catalog`. The platform fee stays the seed's.
+pub async fn sync_catalog(
+    ledger: &dyn Ledger,
+    seed: &Catalog,
+    catalog: &SharedCatalog,
+) -> Result<(), LedgerError> {
+    let mut models = ledger.list_models().await?;
+    if models.is_empty() {
+        for entry in seed.entries() {
+            ledger.upsert_model(entry).await?;
+        }
+        models = ledger.list_models().await?;
+    }
+    match Catalog::from_entries(models, seed.platform_fee_bps()) {
+        Ok(loaded) => {
+            catalog.replace(loaded);
+            Ok(())
+        }
+        Err(error) => Err(LedgerError::Unavailable(Box::new(error))),
+    }
+}
+
+/// Reloads the catalog from the ledger every `interval` until `shutdown`. A
+/// failed reload keeps the current catalog; the failure is logged once, and the
+/// recovery again.
+pub fn spawn_catalog_refresh(
+    ledger: std::sync::Arc<dyn Ledger>,
+    seed: Catalog,
+    catalog: std::sync::Arc<SharedCatalog>,
+    interval: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            match sync_catalog(ledger.as_ref(), &seed, &catalog).await {
+                Ok(()) if failing => {
+                    failing = false;
+                    tracing::info!("model catalog reloads from the ledger again");
+                }
+                Ok(()) => {}
+                Err(error) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %error, "failed to reload the model catalog; keeping the current one");
+                }
+                Err(_) => {}
+            }
+        }
+    })
 }
 
 #[cfg(test)]

@@ -27,6 +27,7 @@ use super::{
     AccountBalance, ApiKeyInfo, EntryKind, HoldRequest, Ledger, LedgerError, SecretHash,
     Settlement, SettlementReceipt, UsageRecord, display_prefix,
 };
+use crate::catalog::ModelEntry;
 use crate::ids::{AccountId, ConsumerRequestId, ModelId};
 use crate::money::MicroUsd;
 
@@ -631,6 +632,76 @@ impl Ledger for PgLedger {
         hash.as_deref()
             .and_then(SecretHash::from_bytes)
             .ok_or_else(|| LedgerError::KeyNotFound(prefix.to_owned()))
+    }
+
+    async fn list_models(&self) -> Result<Vec<ModelEntry>, LedgerError> {
+        let rows = sqlx::query(
+            "SELECT id, input_per_mtok, output_per_mtok, min_charge, default_max_tokens, replicas, enabled, weight_hash
+             FROM models ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(rows
+            .into_iter()
+            .map(|row| ModelEntry {
+                id: ModelId::new(row.get::<String, _>("id")),
+                input_per_mtok: row.get("input_per_mtok"),
+                output_per_mtok: row.get("output_per_mtok"),
+                min_charge: row.get("min_charge"),
+                default_max_tokens: u32::try_from(row.get::<i32, _>("default_max_tokens"))
+                    .unwrap_or(1),
+                replicas: u32::try_from(row.get::<i32, _>("replicas")).unwrap_or(1),
+                enabled: row.get("enabled"),
+                weight_hash: row.get("weight_hash"),
+            })
+            .collect())
+    }
+
+    async fn upsert_model(&self, model: &ModelEntry) -> Result<(), LedgerError> {
+        sqlx::query(
+            "INSERT INTO models (id, input_per_mtok, output_per_mtok, min_charge, default_max_tokens, replicas, enabled, weight_hash)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             ON CONFLICT (id) DO UPDATE SET
+                 input_per_mtok = EXCLUDED.input_per_mtok,
+                 output_per_mtok = EXCLUDED.output_per_mtok,
+                 min_charge = EXCLUDED.min_charge,
+                 default_max_tokens = EXCLUDED.default_max_tokens,
+                 replicas = EXCLUDED.replicas,
+                 enabled = EXCLUDED.enabled,
+                 weight_hash = EXCLUDED.weight_hash,
+                 updated_at = now()",
+        )
+        .bind(model.id.as_str())
+        .bind(model.input_per_mtok)
+        .bind(model.output_per_mtok)
+        .bind(model.min_charge)
+        .bind(i32::try_from(model.default_max_tokens).unwrap_or(i32::MAX))
+        .bind(i32::try_from(model.replicas).unwrap_or(i32::MAX))
+        .bind(model.enabled)
+        .bind(model.weight_hash.as_deref())
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn record_provider(
+        &self,
+        public_key: &str,
+        account: Option<&AccountId>,
+    ) -> Result<(), LedgerError> {
+        sqlx::query(
+            "INSERT INTO providers (public_key, account_id)
+             VALUES ($1, (SELECT id FROM accounts WHERE id = $2))
+             ON CONFLICT (public_key) DO UPDATE SET account_id = EXCLUDED.account_id, last_seen_at = now()",
+        )
+        .bind(public_key)
+        .bind(account.map(AccountId::as_str))
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(())
     }
 
     async fn add_provider_token(

@@ -1309,6 +1309,49 @@ async fn backend_check_succeeds(ledger: &dyn Ledger) {
     assert_eq!(ledger.check().await, Ok(()));
 }
 
+contract_test!(models_upsert_and_list);
+async fn models_upsert_and_list(ledger: &dyn Ledger) {
+    assert_eq!(
+        ledger.list_models().await,
+        Ok(Vec::new()),
+        "a new ledger has no models"
+    );
+
+    let seed = crate::catalog::Catalog::builtin();
+    let catalog = crate::catalog::SharedCatalog::new(
+        crate::catalog::Catalog::from_entries(Vec::new(), 0).expect("empty catalog"),
+    );
+    sync_catalog(ledger, &seed, &catalog)
+        .await
+        .expect("seeding works");
+    let listed = ledger.list_models().await.expect("models listed");
+    assert_eq!(
+        listed.len(),
+        seed.entries().count(),
+        "an empty table is seeded"
+    );
+    assert_eq!(catalog.snapshot().entries().count(), seed.entries().count());
+
+    let mut changed = listed[0].clone();
+    changed.input_per_mtok = 7;
+    changed.enabled = false;
+    ledger.upsert_model(&changed).await.expect("model replaced");
+    sync_catalog(ledger, &seed, &catalog)
+        .await
+        .expect("reload works");
+    let listed = ledger.list_models().await.expect("models listed");
+    assert_eq!(
+        listed.len(),
+        seed.entries().count(),
+        "a replaced model is not duplicated"
+    );
+    assert!(listed.contains(&changed));
+    assert!(
+        catalog.get(changed.id.as_str()).is_none(),
+        "a disabled model is not served"
+    );
+}
+
 mod postgres_only {
     use super::*;
 
