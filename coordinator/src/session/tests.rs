@@ -52,7 +52,11 @@ impl Session {
     }
 
     fn start_with(config: NodeConfig, catalog: Catalog, ledger: Arc<MemoryLedger>) -> Self {
-        let node = NodeState::new(config, catalog, ledger);
+        let node = NodeState::new(
+            config,
+            Arc::new(switchyard_shared::catalog::SharedCatalog::new(catalog)),
+            ledger,
+        );
         let (inbound, inbound_stream) = unbounded::<InboundFrame>();
         let (outbound_sink, outbound) = unbounded::<Message>();
         let task = tokio::spawn(run_session(node.clone(), outbound_sink, inbound_stream));
