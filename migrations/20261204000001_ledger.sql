@@ -68,7 +68,6 @@ CREATE TABLE holds (
 );
 -- The sweeper looks for old open holds.
 CREATE INDEX holds_open_by_age ON holds (created_at) WHERE state = 'open';
-CREATE INDEX holds_open_by_account ON holds (account_id) WHERE state = 'open';
 
 -- One row per settled request.
 CREATE TABLE usage (
