@@ -162,7 +162,7 @@ impl CatalogArgs {
     }
 }
 
-/// Where a standalone role keeps its ledger.
+/// Ledger settings of a standalone role.
 #[derive(Args)]
 struct LedgerArgs {
     /// Postgres URL of the shared ledger. Without it the role uses an in-memory
@@ -416,7 +416,7 @@ async fn run_ledger_bench(args: LedgerBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A short random hex id for benchmark runs.
+/// Returns a short random hex id for a benchmark run.
 fn uuid_like() -> String {
     let mut bytes = [0u8; 6];
     rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut bytes);

@@ -1,6 +1,6 @@
 //! Operator endpoints under `/admin/v1`, behind the admin token
 //! (`Authorization: Bearer TOKEN`, compared in constant time). Without a
-//! configured token every admin route answers 404, as if it did not exist.
+//! configured token every admin route returns 404, as if it did not exist.
 //!
 //! Keys and tokens created here are returned once and stored only as hashes.
 

@@ -2,10 +2,9 @@
 //! many nodes.
 //!
 //! A catalog starts as a JSON file (see `shared/catalog/default.json`, which is
-//! also the built-in default). With a shared ledger, the file only seeds the
-//! ledger's model table when that is empty; from then on the ledger is the source,
-//! every role reloads it periodically into its [`SharedCatalog`], and operators
-//! change prices there.
+//! also the built-in default). The file only seeds the ledger's model table when
+//! that table is empty. From then on the ledger is the source: every role reloads
+//! it periodically into its [`SharedCatalog`], and operators change prices there.
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -369,7 +369,7 @@ pub trait Ledger: Send + Sync + 'static {
     /// released.
     async fn release_stale_holds(&self, older_than: Duration) -> Result<u64, LedgerError>;
 
-    /// Checks that the backend answers.
+    /// Checks that the backend is reachable.
     async fn check(&self) -> Result<(), LedgerError>;
 
     /// Creates an account with a zero balance; an existing account is unchanged.

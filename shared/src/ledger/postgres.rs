@@ -31,7 +31,7 @@ use crate::catalog::ModelEntry;
 use crate::ids::{AccountId, ConsumerRequestId, ModelId};
 use crate::money::MicroUsd;
 
-/// The migrations this build knows, embedded from `migrations/`.
+/// The migrations embedded in this build from `migrations/`.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 
 /// Advisory lock key held by the node that sweeps stale holds ("SWEEPER" in ASCII).
@@ -113,7 +113,7 @@ impl PgLedger {
             .map_err(LedgerError::Migration)
     }
 
-    /// Fails unless the database has exactly the migrations this build knows.
+    /// Fails unless the database has exactly the migrations embedded in this build.
     pub async fn check_schema(&self) -> Result<(), LedgerError> {
         let expected = MIGRATOR
             .iter()
@@ -582,7 +582,7 @@ impl Ledger for PgLedger {
             .await;
         match applied {
             Ok(_) => {}
-            // A credit with this reference exists: the first one stands.
+            // A credit with this reference exists, so the first one is kept.
             Err(LedgerError::Unavailable(source))
                 if source
                     .downcast_ref::<sqlx::Error>()
