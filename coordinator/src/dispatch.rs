@@ -134,6 +134,11 @@ pub async fn run(job: Job, start: oneshot::Sender<Start>) {
         Ok(committed) => committed,
         Err(error) => {
             release_hold(&job).await;
+            let outcome = match &error {
+                Some(Start::Failed { error, .. }) => error.kind.code(),
+                _ => "consumer_disconnected",
+            };
+            job.node.metrics.requests.increment(&[("outcome", outcome)]);
             if let Some(start_error) = error {
                 let _ = start.send(start_error);
             }
@@ -141,11 +146,12 @@ pub async fn run(job: Job, start: oneshot::Sender<Start>) {
         }
     };
 
-    if job.request.stream {
-        relay_stream(&job, committed, start).await;
+    let outcome = if job.request.stream {
+        relay_stream(&job, committed, start).await
     } else {
-        collect_answer(&job, committed, start).await;
-    }
+        collect_answer(&job, committed, start).await
+    };
+    job.node.metrics.requests.increment(&[("outcome", outcome)]);
     debug!(
         duration_ms = started.elapsed().as_millis() as u64,
         "request finished"
@@ -180,6 +186,10 @@ async fn dispatch_until_commit(job: &Job) -> Result<Committed, Option<Start>> {
             Ok(committed) => return Ok(committed),
             Err(AttemptError::ConsumerGone) => return Err(None),
             Err(AttemptError::Failed { provider, failure }) => {
+                job.node
+                    .metrics
+                    .attempt_failures
+                    .increment(&[("reason", failure.kind.code())]);
                 warn!(
                     provider.id = %provider,
                     attempt = attempt_number,
@@ -401,12 +411,17 @@ fn identity(job: &Job) -> ResponseIdentity {
     }
 }
 
-async fn relay_stream(job: &Job, mut committed: Committed, start: oneshot::Sender<Start>) {
+/// Streams a committed answer to its end; returns how it ended, as a metrics label.
+async fn relay_stream(
+    job: &Job,
+    mut committed: Committed,
+    start: oneshot::Sender<Start>,
+) -> &'static str {
     let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
     if start.send(Start::Stream(receiver)).is_err() {
         committed.attempt.abandon();
         release_hold(job).await;
-        return;
+        return "consumer_disconnected";
     }
 
     let identity = identity(job);
@@ -433,7 +448,7 @@ async fn relay_stream(job: &Job, mut committed: Committed, start: oneshot::Sende
         },
     };
 
-    match end {
+    let outcome = match end {
         End::Completed(reported) => match settle(
             job,
             &committed.attempt.provider,
@@ -451,9 +466,11 @@ async fn relay_stream(job: &Job, mut committed: Committed, start: oneshot::Sende
                         .await;
                 }
                 let _ = sender.send(Bytes::from_static(translate::SSE_DONE)).await;
+                "completed"
             }
             Err(error) => {
                 let _ = sender.send(error_event(&error)).await;
+                "settlement_failed"
             }
         },
         End::ConsumerGone => {
@@ -478,6 +495,7 @@ async fn relay_stream(job: &Job, mut committed: Committed, start: oneshot::Sende
                 completion_tokens = delivered,
                 "consumer disconnected during the stream"
             );
+            "consumer_disconnected"
         }
         End::ProviderFailed(failure) => {
             committed.attempt.abandon();
@@ -485,9 +503,11 @@ async fn relay_stream(job: &Job, mut committed: Committed, start: oneshot::Sende
             warn!(provider.id = %committed.attempt.provider.id, reason = %failure.message, "provider failed after the first content chunk");
             let error = ApiError::new(failure.kind, failure.message);
             let _ = sender.send(error_event(&error)).await;
+            "provider_failed"
         }
-    }
+    };
     drop(committed.slot);
+    outcome
 }
 
 /// Sends one chunk to a streaming consumer. Returns false once the consumer is gone.
@@ -550,7 +570,13 @@ async fn next_chunk(job: &Job, attempt: &mut Attempt) -> Next {
     }
 }
 
-async fn collect_answer(job: &Job, mut committed: Committed, start: oneshot::Sender<Start>) {
+/// Collects and sends a committed non-streaming answer; returns how it ended, as
+/// a metrics label.
+async fn collect_answer(
+    job: &Job,
+    mut committed: Committed,
+    start: oneshot::Sender<Start>,
+) -> &'static str {
     let mut chunks = std::mem::take(&mut committed.buffered);
     let end = match committed.completed {
         Some(usage) => End::Completed(usage),
@@ -562,7 +588,7 @@ async fn collect_answer(job: &Job, mut committed: Committed, start: oneshot::Sen
         },
     };
 
-    let outcome = match end {
+    let (start_with, outcome) = match end {
         End::Completed(reported) => {
             match settle(
                 job,
@@ -572,35 +598,43 @@ async fn collect_answer(job: &Job, mut committed: Committed, start: oneshot::Sen
             )
             .await
             {
-                Ok(billed) => Start::Json(translate::assemble_completion(
-                    &chunks,
-                    &identity(job),
-                    billed,
-                )),
-                Err(error) => Start::Failed {
-                    error,
-                    retry_elsewhere: false,
-                },
+                Ok(billed) => (
+                    Start::Json(translate::assemble_completion(
+                        &chunks,
+                        &identity(job),
+                        billed,
+                    )),
+                    "completed",
+                ),
+                Err(error) => (
+                    Start::Failed {
+                        error,
+                        retry_elsewhere: false,
+                    },
+                    "settlement_failed",
+                ),
             }
         }
         End::ConsumerGone => {
             // Nothing of a non-streaming answer reached the consumer: no charge.
             committed.attempt.abandon();
             release_hold(job).await;
-            return;
+            return "consumer_disconnected";
         }
         End::ProviderFailed(failure) => {
             committed.attempt.abandon();
             release_hold(job).await;
             warn!(provider.id = %committed.attempt.provider.id, reason = %failure.message, "provider failed after the first content chunk");
-            Start::Failed {
+            let start_with = Start::Failed {
                 error: ApiError::new(failure.kind, failure.message),
                 retry_elsewhere: false,
-            }
+            };
+            (start_with, "provider_failed")
         }
     };
-    let _ = start.send(outcome);
+    let _ = start.send(start_with);
     drop(committed.slot);
+    outcome
 }
 
 /// Charges the request. Reported usage is capped by the request's own bounds, and
@@ -647,6 +681,10 @@ async fn settle(
             Ok(usage)
         }
         Err(error) => {
+            job.node
+                .metrics
+                .ledger_errors
+                .increment(&[("operation", "settle")]);
             error!(error = %error, "settlement failed; the hold stays open");
             Err(settlement_error(&error))
         }
@@ -699,7 +737,11 @@ fn settlement_error(error: &LedgerError) -> ApiError {
 
 async fn release_hold(job: &Job) {
     if let Err(error) = job.node.ledger.release(&job.request_id).await {
-        error!(error = %error, "failed to release a hold");
+        job.node
+            .metrics
+            .ledger_errors
+            .increment(&[("operation", "release")]);
+        error!(error = %error, "failed to release a hold; the sweeper will release it");
     }
 }
 

@@ -32,13 +32,85 @@ use crate::request;
 /// Builds the node's router.
 pub fn app(state: Arc<NodeState>) -> Router {
     let body_limit = state.config.max_body_bytes;
+    let http_metrics = state.metrics.http.clone();
     Router::new()
+        .route("/metrics", get(metrics))
         .route(internal::CHAT_COMPLETIONS_PATH, post(chat_completions))
         .route(internal::PROVIDER_SESSION_PATH, get(provider_session))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            http_metrics,
+            switchyard_shared::metrics::track_http,
+        ))
         .with_state(state)
+}
+
+/// Prometheus metrics of this node, with per-model capacity computed now.
+async fn metrics(State(state): State<Arc<NodeState>>) -> Response {
+    use switchyard_shared::metrics::{render_counter, render_gauge};
+
+    let mut out = String::new();
+    state.metrics.http.render(&mut out, "switchyard_node");
+    render_counter(
+        &mut out,
+        &state.metrics.requests,
+        "switchyard_node_requests_total",
+        "Consumer requests by how they ended.",
+    );
+    render_counter(
+        &mut out,
+        &state.metrics.attempt_failures,
+        "switchyard_node_attempt_failures_total",
+        "Dispatch attempts that failed before the first content chunk, by reason.",
+    );
+    render_counter(
+        &mut out,
+        &state.metrics.ledger_errors,
+        "switchyard_node_ledger_errors_total",
+        "Failed ledger calls, by operation.",
+    );
+
+    let capacity = state.scheduler.model_capacity();
+    let per_model = |value: fn(&crate::scheduler::ModelCapacity) -> usize| -> Vec<(Vec<(&'static str, String)>, f64)> {
+        capacity
+            .iter()
+            .map(|model| (vec![("model", model.model.to_string())], value(model) as f64))
+            .collect()
+    };
+    render_gauge(
+        &mut out,
+        "switchyard_node_providers",
+        "Providers serving each model on this node.",
+        &per_model(|model| model.providers),
+    );
+    render_gauge(
+        &mut out,
+        "switchyard_node_free_slots",
+        "Free concurrency slots per model.",
+        &per_model(|model| model.free_slots),
+    );
+    render_gauge(
+        &mut out,
+        "switchyard_node_queue_depth",
+        "Requests waiting for a slot per model.",
+        &per_model(|model| model.queue_depth),
+    );
+    render_gauge(
+        &mut out,
+        "switchyard_node_provider_sessions",
+        "Provider WebSocket sessions on this node.",
+        &[(Vec::new(), state.provider_count() as f64)],
+    );
+    (
+        [(
+            header::CONTENT_TYPE,
+            switchyard_shared::metrics::CONTENT_TYPE,
+        )],
+        out,
+    )
+        .into_response()
 }
 
 async fn healthz() -> &'static str {
@@ -189,6 +261,10 @@ async fn handle_chat(
             ));
         }
         Err(error) => {
+            state
+                .metrics
+                .ledger_errors
+                .increment(&[("operation", "hold")]);
             warn!(error = %error, "failed to place a hold");
             return Err(ApiError::new(
                 ErrorKind::Unavailable,

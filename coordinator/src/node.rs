@@ -6,6 +6,7 @@ use std::sync::{Arc, RwLock};
 use switchyard_shared::catalog::SharedCatalog;
 use switchyard_shared::ids::ProviderId;
 use switchyard_shared::ledger::Ledger;
+use switchyard_shared::metrics::{CounterFamily, HttpMetrics};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -26,6 +27,19 @@ pub struct NodeState {
     pub shutdown: CancellationToken,
     /// Every request task, so shutdown can wait for them.
     pub tasks: TaskTracker,
+    pub metrics: NodeMetrics,
+}
+
+/// Counters of a node; gauges are computed when `/metrics` is scraped.
+#[derive(Default)]
+pub struct NodeMetrics {
+    pub http: Arc<HttpMetrics>,
+    /// Consumer requests by how they ended.
+    pub requests: CounterFamily,
+    /// Dispatch attempts that failed before the first content chunk, by reason.
+    pub attempt_failures: CounterFamily,
+    /// Ledger calls that failed, by operation.
+    pub ledger_errors: CounterFamily,
 }
 
 impl NodeState {
@@ -43,6 +57,7 @@ impl NodeState {
             providers: RwLock::new(HashMap::new()),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            metrics: NodeMetrics::default(),
         })
     }
 
@@ -109,7 +124,13 @@ async fn sweep_stale_holds(state: Arc<NodeState>) {
         {
             Ok(0) => {}
             Ok(released) => info!(released, "released stale holds"),
-            Err(error) => warn!(error = %error, "sweeping stale holds failed"),
+            Err(error) => {
+                state
+                    .metrics
+                    .ledger_errors
+                    .increment(&[("operation", "sweep")]);
+                warn!(error = %error, "sweeping stale holds failed");
+            }
         }
     }
 }

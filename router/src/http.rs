@@ -22,7 +22,9 @@ use crate::state::RouterState;
 
 /// Builds the router's HTTP app.
 pub fn app(state: Arc<RouterState>) -> Router {
+    let http_metrics = state.http_metrics.clone();
     Router::new()
+        .route("/metrics", get(metrics))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(list_models))
         .route("/v1/account", get(crate::account::account))
@@ -35,6 +37,10 @@ pub fn app(state: Arc<RouterState>) -> Router {
         .layer(DefaultBodyLimit::disable())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            http_metrics,
+            switchyard_shared::metrics::track_http,
+        ))
         .with_state(state)
 }
 
@@ -53,6 +59,34 @@ async fn readyz(State(state): State<Arc<RouterState>>) -> Response {
         return (StatusCode::SERVICE_UNAVAILABLE, "ledger unavailable").into_response();
     }
     "ready".into_response()
+}
+
+/// Prometheus metrics of this router.
+async fn metrics(State(state): State<Arc<RouterState>>) -> Response {
+    use switchyard_shared::metrics::{render_counter, render_gauge};
+
+    let mut out = String::new();
+    state.http_metrics.render(&mut out, "switchyard_router");
+    render_counter(
+        &mut out,
+        &state.node_failovers,
+        "switchyard_router_node_failovers_total",
+        "Requests moved to the next node, by reason.",
+    );
+    render_gauge(
+        &mut out,
+        "switchyard_router_nodes",
+        "Coordinator nodes this router routes to.",
+        &[(Vec::new(), state.nodes.len() as f64)],
+    );
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            switchyard_shared::metrics::CONTENT_TYPE,
+        )],
+        out,
+    )
+        .into_response()
 }
 
 async fn not_found() -> ApiError {

@@ -55,6 +55,7 @@ pub async fn forward(state: &RouterState, request: Forward<'_>) -> Response {
             Ok(response) => response,
             Err(error) => {
                 warn!(node.id = %node.id, error = %error, "coordinator node unreachable; trying the next one");
+                state.node_failovers.increment(&[("reason", "unreachable")]);
                 continue;
             }
         };
@@ -62,6 +63,7 @@ pub async fn forward(state: &RouterState, request: Forward<'_>) -> Response {
             && response.headers().contains_key(internal::RETRY_ELSEWHERE)
         {
             debug!(node.id = %node.id, "node has no provider for the model; trying the next one");
+            state.node_failovers.increment(&[("reason", "no_provider")]);
             saw_no_capacity = true;
             continue;
         }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use switchyard_shared::catalog::SharedCatalog;
 use switchyard_shared::ids::NodeId;
 use switchyard_shared::ledger::Ledger;
+use switchyard_shared::metrics::{CounterFamily, HttpMetrics};
 use switchyard_shared::ring::Ring;
 use tokio_util::sync::CancellationToken;
 
@@ -22,6 +23,9 @@ pub struct RouterState {
     pub keys: KeyCache,
     /// Cancelled when the router shuts down; provider pipes close on it.
     pub shutdown: CancellationToken,
+    pub http_metrics: Arc<HttpMetrics>,
+    /// Requests sent on to another node because one could not take them.
+    pub node_failovers: CounterFamily,
 }
 
 impl RouterState {
@@ -52,6 +56,8 @@ impl RouterState {
             http,
             keys,
             shutdown: CancellationToken::new(),
+            http_metrics: Arc::new(HttpMetrics::default()),
+            node_failovers: CounterFamily::default(),
         })
     }
 

@@ -12,6 +12,7 @@ pub mod catalog;
 pub mod ids;
 pub mod internal;
 pub mod ledger;
+pub mod metrics;
 pub mod money;
 pub mod protocol;
 pub mod ring;
