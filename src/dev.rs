@@ -47,6 +47,12 @@ pub struct DevOptions {
     pub database_url: Option<String>,
     /// Token of the router's admin endpoints; they are disabled when `None`.
     pub admin_token: Option<String>,
+    /// Redis of the shared rate limits; the router limits on its own when `None`.
+    pub redis_url: Option<String>,
+    /// Prefix of the Redis keys, so clusters can share one Redis.
+    pub redis_key_prefix: String,
+    /// Rate limits of accounts that set none (zero is unlimited).
+    pub default_limits: switchyard_router::rate_limit::DefaultLimits,
 }
 
 impl Default for DevOptions {
@@ -64,6 +70,12 @@ impl Default for DevOptions {
             max_body_bytes: 10 * 1024 * 1024,
             database_url: None,
             admin_token: None,
+            redis_url: None,
+            redis_key_prefix: "switchyard:".to_owned(),
+            default_limits: switchyard_router::rate_limit::DefaultLimits {
+                requests_per_minute: 0,
+                tokens_per_minute: 0,
+            },
         }
     }
 }
@@ -158,6 +170,9 @@ impl DevCluster {
         let mut router_config = RouterConfig::new(addresses, cluster_token);
         router_config.max_body_bytes = options.max_body_bytes;
         router_config.admin_token = options.admin_token.clone();
+        router_config.redis_url = options.redis_url.clone();
+        router_config.redis_key_prefix = options.redis_key_prefix.clone();
+        router_config.default_limits = options.default_limits;
         let router = RouterState::new(router_config, catalog.clone(), shared_ledger);
         let router_shutdown = router.shutdown.clone();
         let root = shutdown.clone();

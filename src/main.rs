@@ -85,6 +85,16 @@ enum AdminCommand {
     IssueProviderToken { id: String },
     /// Print an account's balance.
     Balance { id: String },
+    /// Set an account's rate limits; without a flag the router default applies.
+    SetLimits {
+        id: String,
+        /// Requests per minute; 0 is unlimited.
+        #[arg(long)]
+        requests_per_minute: Option<u32>,
+        /// Estimated tokens per minute; 0 is unlimited.
+        #[arg(long)]
+        tokens_per_minute: Option<u32>,
+    },
     /// Create or replace a model's prices; running roles pick it up within
     /// seconds.
     SetModel {
@@ -257,6 +267,33 @@ struct RouterArgs {
     /// Bearer token of the admin endpoints; they are disabled without one.
     #[arg(long, env = "SWITCHYARD_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// Redis that holds the rate limits shared by all routers.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    redis_url: Option<String>,
+    /// Prefix of every Redis key of this cluster.
+    #[arg(
+        long,
+        default_value = "switchyard:",
+        env = "SWITCHYARD_REDIS_KEY_PREFIX"
+    )]
+    redis_key_prefix: String,
+    /// Requests per minute of an account that sets no limit; 0 is unlimited.
+    #[arg(
+        long,
+        default_value_t = 600,
+        env = "SWITCHYARD_DEFAULT_REQUESTS_PER_MINUTE"
+    )]
+    default_requests_per_minute: u32,
+    /// Estimated tokens per minute of an account that sets no limit; 0 is unlimited.
+    #[arg(
+        long,
+        default_value_t = 2_000_000,
+        env = "SWITCHYARD_DEFAULT_TOKENS_PER_MINUTE"
+    )]
+    default_tokens_per_minute: u32,
+    /// Routers in the cluster; when Redis is unreachable each allows this share.
+    #[arg(long, default_value_t = 1, env = "SWITCHYARD_ROUTERS")]
+    routers: u32,
     #[command(flatten)]
     catalog: CatalogArgs,
     #[command(flatten)]
@@ -440,7 +477,7 @@ async fn run_admin(args: AdminArgs) -> anyhow::Result<()> {
     match args.command {
         AdminCommand::CreateAccount { id } => {
             ledger.create_account(&AccountId::new(&id)).await?;
-            println!("account {id} exists");
+            println!("account {id} is ready (an existing account is left unchanged)");
         }
         AdminCommand::Credit { id, usd, reference } => {
             let amount =
@@ -501,6 +538,18 @@ async fn run_admin(args: AdminArgs) -> anyhow::Result<()> {
             );
             ledger.upsert_model(&entry).await?;
             println!("model {id} set");
+        }
+        AdminCommand::SetLimits {
+            id,
+            requests_per_minute,
+            tokens_per_minute,
+        } => {
+            let limits = switchyard_shared::ledger::RateLimits {
+                requests_per_minute,
+                tokens_per_minute,
+            };
+            ledger.set_rate_limits(&AccountId::new(&id), limits).await?;
+            println!("account {id}: rate limits set");
         }
         AdminCommand::Balance { id } => {
             let balance = ledger.balance(&AccountId::new(&id)).await?;
@@ -579,6 +628,15 @@ async fn run_router(args: RouterArgs) -> anyhow::Result<()> {
     let mut config = RouterConfig::new(args.nodes, args.cluster_token);
     config.max_body_bytes = args.max_body_bytes;
     config.admin_token = args.admin_token;
+    config.redis_url = args.redis_url;
+    config.redis_key_prefix = args.redis_key_prefix;
+    config.default_limits = switchyard_router::rate_limit::DefaultLimits {
+        requests_per_minute: args.default_requests_per_minute,
+        tokens_per_minute: args.default_tokens_per_minute,
+    };
+    config.routers = args.routers;
+    switchyard_router::rate_limit::RateLimiter::check_url(config.redis_url.as_deref())
+        .map_err(anyhow::Error::msg)?;
 
     let ledger = args.ledger.open().await?;
     let shutdown = shutdown_on_signal();

@@ -19,7 +19,7 @@ use switchyard_shared::catalog::{CatalogError, ModelEntry, validate_entry};
 use switchyard_shared::ids::AccountId;
 use switchyard_shared::ids::ModelId;
 use switchyard_shared::ledger::LedgerError;
-use switchyard_shared::ledger::sync_catalog;
+use switchyard_shared::ledger::{RateLimits, sync_catalog};
 use switchyard_shared::money::MicroUsd;
 use tracing::{info, warn};
 
@@ -35,6 +35,7 @@ pub fn routes() -> Router<Arc<RouterState>> {
             post(issue_provider_token),
         )
         .route("/admin/v1/keys/{prefix}", delete(revoke_key))
+        .route("/admin/v1/accounts/{id}/limits", put(set_limits))
         .route("/admin/v1/models/{*id}", put(set_model))
 }
 
@@ -105,6 +106,7 @@ fn valid_account_id(id: &str) -> Result<AccountId, ApiError> {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct CreateAccount {
     id: String,
 }
@@ -128,9 +130,11 @@ async fn create_account(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Credit {
-    /// Decimal US dollars, such as `"12.50"`.
-    amount_usd: String,
+    /// Decimal US dollars as a string, such as `"12.50"`, so no precision is lost
+    /// to floating point.
+    amount_usd: Value,
     /// Makes the credit idempotent: a second credit with the same reference is
     /// ignored.
     reference: String,
@@ -144,8 +148,20 @@ async fn credit(
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers)?;
     let request: Credit = parse_body(&body)?;
-    let amount = MicroUsd::parse_usd(&request.amount_usd)
+    let Value::String(amount_text) = &request.amount_usd else {
+        return Err(ApiError::invalid_field(
+            "amount_usd",
+            "`amount_usd` must be a string such as \"12.50\"",
+        ));
+    };
+    let amount = MicroUsd::parse_usd(amount_text)
         .map_err(|error| ApiError::invalid_field("amount_usd", format!("`amount_usd` {error}")))?;
+    if amount == MicroUsd::ZERO {
+        return Err(ApiError::invalid_field(
+            "amount_usd",
+            "`amount_usd` must be more than zero",
+        ));
+    }
     if request.reference.trim().is_empty() {
         return Err(ApiError::invalid_field(
             "reference",
@@ -220,38 +236,40 @@ async fn issue_provider_token(
         .into_response())
 }
 
-/// Prices and placement of one model; absent fields keep their defaults.
+/// Changes to one model. A field left out keeps its current value; a new model
+/// needs both prices, and its other fields start at the catalog defaults.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct SetModel {
-    input_per_mtok: i64,
-    output_per_mtok: i64,
-    #[serde(default)]
-    min_charge: i64,
-    #[serde(default = "default_max_tokens")]
-    default_max_tokens: u32,
-    #[serde(default = "one")]
-    replicas: u32,
-    #[serde(default = "enabled")]
-    enabled: bool,
-    #[serde(default)]
+    input_per_mtok: Option<i64>,
+    output_per_mtok: Option<i64>,
+    min_charge: Option<i64>,
+    default_max_tokens: Option<u32>,
+    replicas: Option<u32>,
+    enabled: Option<bool>,
+    /// An empty string clears the expected weight hash.
     weight_hash: Option<String>,
 }
 
-fn default_max_tokens() -> u32 {
-    8192
+fn valid_model_id(id: &str) -> Result<ModelId, ApiError> {
+    let valid = !id.is_empty()
+        && id.len() <= 256
+        && id
+            .chars()
+            .all(|character| character.is_ascii_graphic() && character != '"' && character != '\\');
+    if valid {
+        Ok(ModelId::new(id))
+    } else {
+        Err(ApiError::invalid_field(
+            "id",
+            "the model id must be 1 to 256 printable ASCII characters without spaces or quotes",
+        ))
+    }
 }
 
-fn one() -> u32 {
-    1
-}
-
-fn enabled() -> bool {
-    true
-}
-
-/// `PUT /admin/v1/models/{id}`: creates or replaces a model in the ledger's
-/// catalog. This router uses it at once; other roles within their refresh
-/// interval.
+/// `PUT /admin/v1/models/{id}`: creates a model or changes the given fields of
+/// an existing one. This router uses the result at once; other roles within
+/// their refresh interval.
 async fn set_model(
     State(state): State<Arc<RouterState>>,
     Path(id): Path<String>,
@@ -259,17 +277,60 @@ async fn set_model(
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers)?;
-    let request: SetModel = parse_body(&body)?;
-    let entry = ModelEntry {
-        id: ModelId::new(id),
-        input_per_mtok: request.input_per_mtok,
-        output_per_mtok: request.output_per_mtok,
-        min_charge: request.min_charge,
-        default_max_tokens: request.default_max_tokens,
-        replicas: request.replicas,
-        enabled: request.enabled,
-        weight_hash: request.weight_hash,
+    let id = valid_model_id(&id)?;
+    let changes: SetModel = parse_body(&body)?;
+
+    let existing = state
+        .ledger
+        .list_models()
+        .await
+        .map_err(ledger_error)?
+        .into_iter()
+        .find(|model| model.id == id);
+    let mut entry = match existing {
+        Some(entry) => entry,
+        None => {
+            let (Some(input_per_mtok), Some(output_per_mtok)) =
+                (changes.input_per_mtok, changes.output_per_mtok)
+            else {
+                return Err(ApiError::invalid_field(
+                    "input_per_mtok",
+                    "a new model needs `input_per_mtok` and `output_per_mtok`",
+                ));
+            };
+            ModelEntry {
+                id,
+                input_per_mtok,
+                output_per_mtok,
+                min_charge: 0,
+                default_max_tokens: 8192,
+                replicas: 1,
+                enabled: true,
+                weight_hash: None,
+            }
+        }
     };
+    if let Some(value) = changes.input_per_mtok {
+        entry.input_per_mtok = value;
+    }
+    if let Some(value) = changes.output_per_mtok {
+        entry.output_per_mtok = value;
+    }
+    if let Some(value) = changes.min_charge {
+        entry.min_charge = value;
+    }
+    if let Some(value) = changes.default_max_tokens {
+        entry.default_max_tokens = value;
+    }
+    if let Some(value) = changes.replicas {
+        entry.replicas = value;
+    }
+    if let Some(value) = changes.enabled {
+        entry.enabled = value;
+    }
+    if let Some(value) = changes.weight_hash {
+        entry.weight_hash = (!value.is_empty()).then_some(value);
+    }
     validate_entry(&entry).map_err(|error| match error {
         CatalogError::InvalidModel { field, reason, .. } => {
             ApiError::invalid_field(field, format!("`{field}` {reason}"))
@@ -286,8 +347,40 @@ async fn set_model(
     if let Err(error) = sync_catalog(state.ledger.as_ref(), &seed, &state.catalog).await {
         warn!(error = %error, "failed to reload the catalog after a model change");
     }
-    info!(model = %entry.id, "model prices set");
+    info!(model = %entry.id, "model settings changed");
     Ok(Json(serde_json::to_value(&entry).unwrap_or_default()))
+}
+
+/// New rate limits of an account; `null` (or absent) means the router default,
+/// zero means no limit.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetLimits {
+    requests_per_minute: Option<u32>,
+    tokens_per_minute: Option<u32>,
+}
+
+/// `PUT /admin/v1/accounts/{id}/limits`.
+async fn set_limits(
+    State(state): State<Arc<RouterState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers)?;
+    let request: SetLimits = parse_body(&body)?;
+    let limits = RateLimits {
+        requests_per_minute: request.requests_per_minute,
+        tokens_per_minute: request.tokens_per_minute,
+    };
+    let account = AccountId::new(id);
+    state
+        .ledger
+        .set_rate_limits(&account, limits)
+        .await
+        .map_err(ledger_error)?;
+    info!(account.id = %account, "rate limits set");
+    Ok(Json(json!({"id": account, "limits": limits})))
 }
 
 async fn revoke_key(

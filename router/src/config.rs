@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use switchyard_shared::ids::NodeId;
 
+use crate::rate_limit::DefaultLimits;
+
 /// Where a coordinator node takes internal traffic.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeAddress {
@@ -58,6 +60,15 @@ pub struct RouterConfig {
     pub node_timeout: Duration,
     /// Bearer token of the admin endpoints; they are disabled without one.
     pub admin_token: Option<String>,
+    /// Redis that holds the shared rate-limit buckets; without it each router
+    /// limits on its own.
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key this cluster writes.
+    pub redis_key_prefix: String,
+    /// Limits of accounts that set none.
+    pub default_limits: DefaultLimits,
+    /// Routers sharing the limits; without Redis each allows this share.
+    pub routers: u32,
 }
 
 impl RouterConfig {
@@ -72,6 +83,13 @@ impl RouterConfig {
             // non-streaming answer.
             node_timeout: Duration::from_secs(660),
             admin_token: None,
+            redis_url: None,
+            redis_key_prefix: "switchyard:".to_owned(),
+            default_limits: DefaultLimits {
+                requests_per_minute: 0,
+                tokens_per_minute: 0,
+            },
+            routers: 1,
         }
     }
 }

@@ -73,6 +73,18 @@ async fn metrics(State(state): State<Arc<RouterState>>) -> Response {
         "switchyard_router_node_failovers_total",
         "Requests moved to the next node, by reason.",
     );
+    render_counter(
+        &mut out,
+        &state.limiter.rejections,
+        "switchyard_router_rate_limit_rejections_total",
+        "Requests refused by a rate limit, by limit.",
+    );
+    render_counter(
+        &mut out,
+        &state.limiter.fallbacks,
+        "switchyard_router_rate_limit_fallbacks_total",
+        "Rate-limit checks made locally because Redis was unreachable.",
+    );
     render_gauge(
         &mut out,
         "switchyard_router_nodes",
@@ -149,14 +161,29 @@ async fn chat_completions(
 
         require_json(&headers)?;
         let body = read_body(body, state.config.max_body_bytes).await?;
-        let model = model_of(&body)?;
-        if state.catalog.get(&model).is_none() {
+        let fields = routing_fields(&body)?;
+        let model = fields.model;
+        let Some(entry) = state.catalog.get(&model) else {
             return Err(ApiError::new(
                 ErrorKind::ModelNotFound,
                 format!("model `{model}` does not exist"),
             ));
-        }
+        };
         tracing::Span::current().record("model", model.as_str());
+
+        // Tokens are estimated before the answer exists: a quarter of the body's
+        // bytes for the prompt and the completion limit for the answer.
+        let completion_limit = fields
+            .max_tokens
+            .unwrap_or(u64::from(entry.default_max_tokens))
+            .saturating_mul(fields.choices.unwrap_or(1).max(1));
+        let estimated_tokens = (body.len() as u64)
+            .div_ceil(4)
+            .saturating_add(completion_limit);
+        let admission = state
+            .limiter
+            .admit(&account.account_id, account.limits, estimated_tokens)
+            .await?;
 
         let forward = Forward {
             request_id: &request_id,
@@ -166,7 +193,9 @@ async fn chat_completions(
             model: &model,
             body,
         };
-        Ok(proxy::forward(&state, forward).await)
+        let mut response = proxy::forward(&state, forward).await;
+        admission.apply(response.headers_mut());
+        Ok(response)
     }
     .instrument(span)
     .await;
@@ -221,14 +250,28 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     }
 }
 
-/// Reads `model` from a JSON body; the node validates the rest.
-fn model_of(body: &[u8]) -> Result<String, ApiError> {
+/// The fields a router reads from a request body.
+#[derive(Debug)]
+struct RoutingFields {
+    model: String,
+    /// `max_completion_tokens`, else `max_tokens`, when a positive integer.
+    max_tokens: Option<u64>,
+    /// `n`, when a positive integer.
+    choices: Option<u64>,
+}
+
+/// Reads the fields the router needs from a JSON body; the node validates the
+/// rest, so other values here are only used when well-formed.
+fn routing_fields(body: &[u8]) -> Result<RoutingFields, ApiError> {
     #[derive(serde::Deserialize)]
-    struct ModelOnly {
+    struct Fields {
         model: Option<Value>,
+        max_tokens: Option<Value>,
+        max_completion_tokens: Option<Value>,
+        n: Option<Value>,
     }
 
-    let parsed: ModelOnly = serde_json::from_slice(body).map_err(|error| {
+    let parsed: Fields = serde_json::from_slice(body).map_err(|error| {
         let message = match error.classify() {
             // Valid JSON of the wrong shape, such as an array.
             serde_json::error::Category::Data => "request body must be a JSON object".to_owned(),
@@ -236,18 +279,36 @@ fn model_of(body: &[u8]) -> Result<String, ApiError> {
         };
         ApiError::new(ErrorKind::InvalidJson, message)
     })?;
-    match parsed.model {
-        Some(Value::String(model)) if !model.is_empty() => Ok(model),
-        Some(Value::String(_)) => Err(ApiError::invalid_field(
-            "model",
-            "`model` must not be empty",
-        )),
-        Some(Value::Null) | None => Err(ApiError::invalid_field(
-            "model",
-            "missing required field `model`",
-        )),
-        Some(_) => Err(ApiError::invalid_field("model", "`model` must be a string")),
-    }
+    let positive = |value: &Option<Value>| {
+        value
+            .as_ref()
+            .and_then(Value::as_u64)
+            .filter(|number| *number > 0)
+    };
+    let max_tokens =
+        positive(&parsed.max_completion_tokens).or_else(|| positive(&parsed.max_tokens));
+    let choices = positive(&parsed.n);
+    let model = match parsed.model {
+        Some(Value::String(model)) if !model.is_empty() => model,
+        Some(Value::String(_)) => {
+            return Err(ApiError::invalid_field(
+                "model",
+                "`model` must not be empty",
+            ));
+        }
+        Some(Value::Null) | None => {
+            return Err(ApiError::invalid_field(
+                "model",
+                "missing required field `model`",
+            ));
+        }
+        Some(_) => return Err(ApiError::invalid_field("model", "`model` must be a string")),
+    };
+    Ok(RoutingFields {
+        model,
+        max_tokens,
+        choices,
+    })
 }
 
 #[cfg(test)]
@@ -273,19 +334,25 @@ mod tests {
     }
 
     #[test]
-    fn model_of_names_the_field() {
-        assert_eq!(model_of(br#"{"model":"m"}"#).unwrap(), "m");
+    fn routing_fields_name_the_field() {
+        assert_eq!(routing_fields(br#"{"model":"m"}"#).unwrap().model, "m");
         assert_eq!(
-            model_of(br#"{"model":""}"#).unwrap_err().param.as_deref(),
-            Some("model")
-        );
-        assert_eq!(
-            model_of(br#"{"messages":[]}"#)
+            routing_fields(br#"{"model":""}"#)
                 .unwrap_err()
                 .param
                 .as_deref(),
             Some("model")
         );
-        assert_eq!(model_of(b"{").unwrap_err().kind, ErrorKind::InvalidJson);
+        assert_eq!(
+            routing_fields(br#"{"messages":[]}"#)
+                .unwrap_err()
+                .param
+                .as_deref(),
+            Some("model")
+        );
+        assert_eq!(
+            routing_fields(b"{").unwrap_err().kind,
+            ErrorKind::InvalidJson
+        );
     }
 }

@@ -13,6 +13,7 @@ pub mod auth;
 pub mod config;
 pub mod http;
 pub mod proxy;
+pub mod rate_limit;
 pub mod state;
 pub mod ws_proxy;
 

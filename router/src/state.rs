@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::KeyCache;
 use crate::config::{NodeAddress, RouterConfig};
+use crate::rate_limit::RateLimiter;
 
 pub struct RouterState {
     pub config: RouterConfig,
@@ -26,6 +27,7 @@ pub struct RouterState {
     pub http_metrics: Arc<HttpMetrics>,
     /// Requests sent on to another node because one could not take them.
     pub node_failovers: CounterFamily,
+    pub limiter: RateLimiter,
 }
 
 impl RouterState {
@@ -46,6 +48,13 @@ impl RouterState {
             .build()
             .expect("an HTTP client without TLS settings always builds");
         let keys = KeyCache::new(config.key_cache_ttl, config.key_cache_capacity);
+        let limiter = RateLimiter::new(
+            config.redis_url.as_deref(),
+            &config.redis_key_prefix,
+            config.default_limits,
+            config.routers,
+        )
+        .expect("the Redis URL was validated with the configuration");
 
         Arc::new(Self {
             config,
@@ -58,6 +67,7 @@ impl RouterState {
             shutdown: CancellationToken::new(),
             http_metrics: Arc::new(HttpMetrics::default()),
             node_failovers: CounterFamily::default(),
+            limiter,
         })
     }
 

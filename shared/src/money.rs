@@ -35,17 +35,23 @@ impl MicroUsd {
         Self(usd * 1_000_000)
     }
 
-    /// Parses a decimal amount of US dollars such as `12.5` or `0.000001`
-    /// exactly. More than six decimals, a negative sign or an amount too large
-    /// for 64 bits is an error.
+    /// Parses a plain decimal amount of US dollars such as `12.5` or `0.000001`
+    /// exactly. A sign, an exponent, more than six decimals or an amount too
+    /// large for 64 bits is an error.
     pub fn parse_usd(text: &str) -> Result<MicroUsd, InvalidAmount> {
-        let usd: Decimal = text
-            .trim()
-            .parse()
-            .map_err(|_| InvalidAmount("not a decimal number"))?;
-        if usd.is_sign_negative() {
-            return Err(InvalidAmount("must not be negative"));
+        const NOT_PLAIN: InvalidAmount =
+            InvalidAmount("is not a plain decimal number such as 12.50");
+
+        let text = text.trim();
+        let plain = !text.is_empty()
+            && text
+                .chars()
+                .all(|character| character.is_ascii_digit() || character == '.');
+        if !plain {
+            return Err(NOT_PLAIN);
         }
+        let usd: Decimal = text.parse().map_err(|_| NOT_PLAIN)?;
+
         let micro = usd * Decimal::from(1_000_000);
         if micro.fract() != Decimal::ZERO {
             return Err(InvalidAmount("has more than six decimals"));
@@ -243,6 +249,8 @@ mod tests {
         assert_eq!(MicroUsd::parse_usd("19.99"), Ok(MicroUsd::new(19_990_000)));
         assert!(MicroUsd::parse_usd("0.0000001").is_err());
         assert!(MicroUsd::parse_usd("-1").is_err());
+        assert!(MicroUsd::parse_usd("1e3").is_err());
+        assert!(MicroUsd::parse_usd("").is_err());
         assert!(MicroUsd::parse_usd("ten").is_err());
         assert!(MicroUsd::parse_usd("99999999999999999999").is_err());
     }

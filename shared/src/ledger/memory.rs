@@ -33,6 +33,7 @@ struct Hold {
 
 #[derive(Debug, Default)]
 struct Account {
+    limits: super::RateLimits,
     /// Available balance: open holds are already debited.
     available: MicroUsd,
     held: MicroUsd,
@@ -141,12 +142,33 @@ fn now_ms() -> i64 {
 #[async_trait]
 impl Ledger for MemoryLedger {
     async fn authenticate(&self, key: SecretHash) -> Result<Option<ApiKeyInfo>, LedgerError> {
-        Ok(self
-            .lock()
+        let state = self.lock();
+        Ok(state
             .api_keys
             .get(&key)
             .filter(|(_, revoked)| !revoked)
-            .map(|(info, _)| info.clone()))
+            .map(|(info, _)| ApiKeyInfo {
+                limits: state
+                    .accounts
+                    .get(&info.account_id)
+                    .map(|account| account.limits)
+                    .unwrap_or_default(),
+                ..info.clone()
+            }))
+    }
+
+    async fn set_rate_limits(
+        &self,
+        account: &AccountId,
+        limits: super::RateLimits,
+    ) -> Result<(), LedgerError> {
+        let mut state = self.lock();
+        let entry = state
+            .accounts
+            .get_mut(account)
+            .ok_or_else(|| LedgerError::AccountNotFound(account.clone()))?;
+        entry.limits = limits;
+        Ok(())
     }
 
     async fn provider_account(&self, token: SecretHash) -> Result<Option<AccountId>, LedgerError> {
@@ -404,6 +426,7 @@ impl Ledger for MemoryLedger {
         let info = ApiKeyInfo {
             account_id: account.clone(),
             display_prefix: display_prefix(key),
+            limits: super::RateLimits::default(),
         };
         state.api_keys.insert(SecretHash::of(key), (info, false));
         Ok(())

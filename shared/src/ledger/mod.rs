@@ -96,6 +96,15 @@ pub struct ApiKeyInfo {
     pub account_id: AccountId,
     /// The first characters of the key, safe to show and log.
     pub display_prefix: String,
+    /// The account's own rate limits; `None` means the router's default.
+    pub limits: RateLimits,
+}
+
+/// Per-account rate limits. `None` means the router's default; zero means no limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateLimits {
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u32>,
 }
 
 /// A reservation placed before dispatch.
@@ -383,6 +392,13 @@ pub trait Ledger: Send + Sync + 'static {
         amount: MicroUsd,
         reference: &str,
     ) -> Result<AccountBalance, LedgerError>;
+
+    /// Sets an account's rate limits.
+    async fn set_rate_limits(
+        &self,
+        account: &AccountId,
+        limits: RateLimits,
+    ) -> Result<(), LedgerError>;
 
     /// Returns the model table, enabled and disabled models alike; empty when it
     /// was never seeded.

@@ -363,18 +363,49 @@ fn to_i64(value: u64) -> i64 {
 impl Ledger for PgLedger {
     async fn authenticate(&self, key: SecretHash) -> Result<Option<ApiKeyInfo>, LedgerError> {
         let row = sqlx::query(
-            "SELECT account_id, display_prefix FROM api_keys
-             WHERE key_hash = $1 AND revoked_at IS NULL",
+            "SELECT k.account_id, k.display_prefix, a.requests_per_minute, a.tokens_per_minute
+             FROM api_keys k JOIN accounts a ON a.id = k.account_id
+             WHERE k.key_hash = $1 AND k.revoked_at IS NULL",
         )
         .bind(key.as_bytes().as_slice())
         .fetch_optional(&self.pool)
         .await
         .map_err(classify)?;
 
+        let limit = |row: &sqlx::postgres::PgRow, column: &str| {
+            row.get::<Option<i32>, _>(column)
+                .and_then(|value| u32::try_from(value).ok())
+        };
         Ok(row.map(|row| ApiKeyInfo {
             account_id: AccountId::new(row.get::<String, _>("account_id")),
             display_prefix: row.get("display_prefix"),
+            limits: super::RateLimits {
+                requests_per_minute: limit(&row, "requests_per_minute"),
+                tokens_per_minute: limit(&row, "tokens_per_minute"),
+            },
         }))
+    }
+
+    async fn set_rate_limits(
+        &self,
+        account: &AccountId,
+        limits: super::RateLimits,
+    ) -> Result<(), LedgerError> {
+        let to_column =
+            |value: Option<u32>| value.map(|limit| i32::try_from(limit).unwrap_or(i32::MAX));
+        let updated = sqlx::query(
+            "UPDATE accounts SET requests_per_minute = $2, tokens_per_minute = $3 WHERE id = $1",
+        )
+        .bind(account.as_str())
+        .bind(to_column(limits.requests_per_minute))
+        .bind(to_column(limits.tokens_per_minute))
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        if updated.rows_affected() == 0 {
+            return Err(LedgerError::AccountNotFound(account.clone()));
+        }
+        Ok(())
     }
 
     async fn provider_account(&self, token: SecretHash) -> Result<Option<AccountId>, LedgerError> {

@@ -1023,6 +1023,7 @@ async fn authenticate_issued_key(ledger: &dyn Ledger) {
         Some(ApiKeyInfo {
             account_id: consumer(),
             display_prefix: display_prefix(&issued.secret),
+            limits: RateLimits::default(),
         })
     );
 
@@ -1055,6 +1056,7 @@ async fn authenticate_added_key(ledger: &dyn Ledger) {
         Some(ApiKeyInfo {
             account_id: consumer(),
             display_prefix: "sy_dev_fixed".to_owned(),
+            limits: RateLimits::default(),
         })
     );
 }
@@ -1307,6 +1309,41 @@ async fn stale_holds_released_once(ledger: &dyn Ledger) {
 contract_test!(backend_check_succeeds);
 async fn backend_check_succeeds(ledger: &dyn Ledger) {
     assert_eq!(ledger.check().await, Ok(()));
+}
+
+contract_test!(rate_limits_follow_keys);
+async fn rate_limits_follow_keys(ledger: &dyn Ledger) {
+    ledger
+        .create_account(&consumer())
+        .await
+        .expect("account created");
+    let key = ledger
+        .issue_api_key(&consumer(), "limits")
+        .await
+        .expect("key issued")
+        .secret;
+    let limits = RateLimits {
+        requests_per_minute: Some(60),
+        tokens_per_minute: None,
+    };
+
+    ledger
+        .set_rate_limits(&consumer(), limits)
+        .await
+        .expect("limits set");
+    let info = ledger
+        .authenticate(SecretHash::of(&key))
+        .await
+        .expect("lookup works")
+        .expect("key found");
+    assert_eq!(info.limits, limits);
+
+    assert_eq!(
+        ledger
+            .set_rate_limits(&AccountId::new("nobody"), limits)
+            .await,
+        Err(LedgerError::AccountNotFound(AccountId::new("nobody")))
+    );
 }
 
 contract_test!(models_upsert_and_list);
