@@ -394,9 +394,8 @@ async fn revoke_key(
         .revoke_api_key(&prefix)
         .await
         .map_err(ledger_error)?;
-    // NOTE: only this router's cache forgets the key at once; other routers
-    // notice when their cached entry expires.
     state.keys.forget(hash);
+    crate::revocation::publish(&state, hash).await;
     info!(key.prefix = %prefix, "API key revoked");
     Ok(StatusCode::NO_CONTENT)
 }

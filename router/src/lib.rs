@@ -14,6 +14,7 @@ pub mod config;
 pub mod http;
 pub mod proxy;
 pub mod rate_limit;
+pub mod revocation;
 pub mod state;
 pub mod ws_proxy;
 
@@ -30,10 +31,13 @@ pub async fn serve(listener: TcpListener, state: Arc<RouterState>) -> std::io::R
     let address = listener.local_addr()?;
     info!(%address, nodes = state.config.nodes.len(), "router listening");
 
+    let listener_task = tokio::spawn(revocation::listen(state.clone()));
     let shutdown = state.shutdown.clone();
-    axum::serve(listener, http::app(state))
+    let served = axum::serve(listener, http::app(state))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await?;
+        .await;
+    listener_task.abort();
+    served?;
     info!("router stopped");
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! Rate limits through the consumer API, shared by two routers over Redis.
+//! What routers share over Redis: rate limits, and revocations of API keys.
 
 #![allow(
     clippy::unwrap_used,
@@ -90,4 +90,79 @@ fn uuid_hex() -> String {
         .unwrap()
         .as_nanos();
     format!("{nanos:x}-{}", std::process::id())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_key_stops_on_every_router() {
+    use switchyard_shared::ledger::Ledger as _;
+
+    let prefix = format!("switchyard-test:{}:", uuid_hex());
+    let mut options = common::options(0);
+    options.redis_url = Some(redis_url());
+    options.redis_key_prefix = prefix.clone();
+    options.admin_token = Some("admin-secret".to_owned());
+    let cluster = common::start(options).await;
+    let _provider = common::add_provider(&cluster, &[common::MODEL], |_| {}).await;
+    let second = RouterState::new(
+        cluster.router.config.clone(),
+        cluster.router.catalog.clone(),
+        cluster.ledger.clone(),
+    );
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .unwrap();
+    let second_base = format!("http://{}/v1", listener.local_addr().unwrap());
+    let server = tokio::spawn(switchyard_router::serve(listener, Arc::clone(&second)));
+
+    let issued = cluster
+        .ledger
+        .issue_api_key(&cluster.account, "to-revoke")
+        .await
+        .unwrap();
+    // Both routers now hold the key in their caches.
+    assert_eq!(post(&cluster.base_url, &issued.secret).await.status(), 200);
+    assert_eq!(post(&second_base, &issued.secret).await.status(), 200);
+
+    // Wait until both routers listen for revocations.
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let channel = format!("{prefix}key-revocations");
+    common::eventually("both routers subscribe", async || {
+        let counts: Vec<(String, i64)> = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(&channel)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        counts
+            .first()
+            .is_some_and(|(_, subscribers)| *subscribers >= 2)
+    })
+    .await;
+
+    let revoked = reqwest::Client::new()
+        .delete(format!(
+            "http://{}/admin/v1/keys/{}",
+            cluster.router_address, issued.display_prefix
+        ))
+        .bearer_auth("admin-secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 204);
+
+    let started = std::time::Instant::now();
+    common::eventually("the other router rejects the key", async || {
+        post(&second_base, &issued.secret).await.status() == 401
+    })
+    .await;
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    second.shutdown.cancel();
+    server.await.unwrap().unwrap();
+    cluster.shutdown().await;
 }
