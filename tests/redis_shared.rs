@@ -94,7 +94,6 @@ fn uuid_hex() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_key_stops_on_every_router() {
-
     let prefix = format!("switchyard-test:{}:", uuid_hex());
     let mut options = common::options(0);
     options.redis_url = Some(redis_url());
