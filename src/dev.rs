@@ -11,6 +11,7 @@ use switchyard_coordinator::{NodeConfig, NodeState};
 use switchyard_loadtest::sim::{SimProvider, SimProviderConfig};
 use switchyard_router::{NodeAddress, RouterConfig, RouterState};
 use switchyard_shared::catalog::{Catalog, SharedCatalog};
+use switchyard_shared::cluster::{ClusterBus, InProcessBus, RedisBus};
 use switchyard_shared::ids::{AccountId, NodeId};
 use switchyard_shared::ledger::{
     Ledger, MemoryLedger, PgLedger, SecretHash, generate_secret, spawn_catalog_refresh,
@@ -97,6 +98,8 @@ pub struct DevCluster {
     pub nodes: Vec<Arc<NodeState>>,
     pub router: Arc<RouterState>,
     pub providers: Vec<SimProvider>,
+    /// The bus the nodes announce themselves on.
+    pub bus: Arc<dyn ClusterBus>,
     shutdown: CancellationToken,
     servers: JoinSet<std::io::Result<()>>,
 }
@@ -131,6 +134,7 @@ impl DevCluster {
 
         let catalog =
             start_catalog(shared_ledger.clone(), options.catalog.clone(), &shutdown).await;
+        let bus = open_bus(&options)?;
 
         let mut servers = JoinSet::new();
         let mut nodes = Vec::new();
@@ -148,7 +152,12 @@ impl DevCluster {
                 .await
                 .context("failed to bind a coordinator node port on 127.0.0.1")?;
             let address = listener.local_addr()?;
-            let state = NodeState::new(config, catalog.clone(), shared_ledger.clone());
+            let state = NodeState::new(
+                config,
+                catalog.clone(),
+                shared_ledger.clone(),
+                Some(bus.clone()),
+            );
             let node_shutdown = state.shutdown.clone();
             let root = shutdown.clone();
             tokio::spawn(async move {
@@ -173,7 +182,8 @@ impl DevCluster {
         router_config.redis_url = options.redis_url.clone();
         router_config.redis_key_prefix = options.redis_key_prefix.clone();
         router_config.default_limits = options.default_limits;
-        let router = RouterState::new(router_config, catalog.clone(), shared_ledger);
+        let router =
+            RouterState::with_bus(router_config, catalog.clone(), shared_ledger, bus.clone());
         let router_shutdown = router.shutdown.clone();
         let root = shutdown.clone();
         tokio::spawn(async move {
@@ -194,6 +204,7 @@ impl DevCluster {
             nodes,
             router,
             providers,
+            bus,
             shutdown,
             servers,
         };
@@ -259,6 +270,16 @@ pub async fn start_catalog(
         shutdown.child_token(),
     );
     catalog
+}
+
+/// Opens the cluster bus: Redis when the options name one, else in-process.
+fn open_bus(options: &DevOptions) -> anyhow::Result<Arc<dyn ClusterBus>> {
+    Ok(match &options.redis_url {
+        Some(url) => {
+            Arc::new(RedisBus::new(url, &options.redis_key_prefix).context("invalid Redis URL")?)
+        }
+        None => Arc::new(InProcessBus::new()),
+    })
 }
 
 /// Opens the Postgres ledger at `url` and migrates it, or makes an in-memory one.

@@ -241,6 +241,19 @@ struct CoordinatorArgs {
     /// Minimum provider trust for routing: none, self_signed or hardware.
     #[arg(long, default_value = "none", env = "SWITCHYARD_MIN_TRUST")]
     min_trust: TrustLevel,
+    /// Redis of the cluster bus, where the node announces itself and its capacity.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    redis_url: Option<String>,
+    /// Prefix of every Redis key of this cluster.
+    #[arg(
+        long,
+        default_value = "switchyard:",
+        env = "SWITCHYARD_REDIS_KEY_PREFIX"
+    )]
+    redis_key_prefix: String,
+    /// Base URL routers use to reach this node; `http://<listen>` by default.
+    #[arg(long, env = "SWITCHYARD_ADVERTISE_URL")]
+    advertise_url: Option<String>,
     /// Seconds without a heartbeat after which a provider is evicted.
     #[arg(long, default_value_t = 90, env = "SWITCHYARD_HEARTBEAT_TIMEOUT_SECS")]
     heartbeat_timeout_secs: u64,
@@ -605,12 +618,20 @@ async fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     let mut config = NodeConfig::new(NodeId::new(args.node_id), args.cluster_token);
     config.min_trust = args.min_trust;
     config.heartbeat_timeout = Duration::from_secs(args.heartbeat_timeout_secs.max(1));
+    config.advertise_url = args.advertise_url.clone();
 
     let ledger = args.ledger.open().await?;
     let shutdown = shutdown_on_signal();
     let catalog =
         switchyard::dev::start_catalog(ledger.clone(), args.catalog.load()?, &shutdown).await;
-    let state = NodeState::new(config, catalog, ledger);
+    let bus: Option<Arc<dyn switchyard_shared::cluster::ClusterBus>> = match &args.redis_url {
+        Some(url) => Some(Arc::new(
+            switchyard_shared::cluster::RedisBus::new(url, &args.redis_key_prefix)
+                .context("invalid --redis-url")?,
+        )),
+        None => None,
+    };
+    let state = NodeState::new(config, catalog, ledger, bus);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("failed to bind {}", args.listen))?;
@@ -642,7 +663,14 @@ async fn run_router(args: RouterArgs) -> anyhow::Result<()> {
     let shutdown = shutdown_on_signal();
     let catalog =
         switchyard::dev::start_catalog(ledger.clone(), args.catalog.load()?, &shutdown).await;
-    let state = RouterState::new(config, catalog, ledger);
+    let state = match config.redis_url.clone() {
+        Some(url) => {
+            let bus = switchyard_shared::cluster::RedisBus::new(&url, &config.redis_key_prefix)
+                .context("invalid --redis-url")?;
+            RouterState::with_bus(config, catalog, ledger, Arc::new(bus))
+        }
+        None => RouterState::new(config, catalog, ledger),
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("failed to bind {}", args.listen))?;

@@ -64,6 +64,9 @@ pub struct NodeConfig {
     pub hold_timeout: Duration,
     /// Time between sweeps for stale holds; zero disables the sweeper.
     pub sweep_interval: Duration,
+    /// Base URL routers use to reach this node; `http://<listen address>` when
+    /// `None`, which only works when that address is reachable from routers.
+    pub advertise_url: Option<String>,
 }
 
 impl NodeConfig {
@@ -87,6 +90,7 @@ impl NodeConfig {
             // dead node's holds apart by membership, keep it generous.
             hold_timeout: Duration::from_secs(3600),
             sweep_interval: Duration::from_secs(60),
+            advertise_url: None,
         }
     }
 }

@@ -11,6 +11,7 @@
 pub mod config;
 pub mod dispatch;
 pub mod http;
+pub mod membership;
 pub mod node;
 pub mod provider;
 pub mod request;

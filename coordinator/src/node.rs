@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use switchyard_shared::catalog::SharedCatalog;
+use switchyard_shared::cluster::ClusterBus;
 use switchyard_shared::ids::ProviderId;
 use switchyard_shared::ledger::Ledger;
 use switchyard_shared::metrics::{CounterFamily, HttpMetrics};
@@ -28,6 +29,9 @@ pub struct NodeState {
     /// Every request task, so shutdown can wait for them.
     pub tasks: TaskTracker,
     pub metrics: NodeMetrics,
+    /// Where the node announces itself and its capacity; `None` for a node
+    /// outside any cluster bus (routers then need its address in their list).
+    pub bus: Option<Arc<dyn ClusterBus>>,
 }
 
 /// Counters of a node; gauges are computed when `/metrics` is scraped.
@@ -47,6 +51,7 @@ impl NodeState {
         config: NodeConfig,
         catalog: Arc<SharedCatalog>,
         ledger: Arc<dyn Ledger>,
+        bus: Option<Arc<dyn ClusterBus>>,
     ) -> Arc<Self> {
         let scheduler = Scheduler::new(config.queue_capacity);
         Arc::new(Self {
@@ -58,6 +63,7 @@ impl NodeState {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             metrics: NodeMetrics::default(),
+            bus,
         })
     }
 
@@ -90,6 +96,15 @@ impl NodeState {
 pub async fn serve(listener: TcpListener, state: Arc<NodeState>) -> std::io::Result<()> {
     let address = listener.local_addr()?;
     info!(node.id = %state.config.node_id, %address, "coordinator node listening");
+
+    let advertised = state
+        .config
+        .advertise_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{address}"));
+    state
+        .tasks
+        .spawn(crate::membership::run(state.clone(), advertised));
 
     if !state.config.sweep_interval.is_zero() {
         state.tasks.spawn(sweep_stale_holds(state.clone()));

@@ -204,6 +204,16 @@ impl ProviderHandle {
         lock(&self.slots).in_flight
     }
 
+    pub fn max_slots(&self) -> u32 {
+        lock(&self.slots).max
+    }
+
+    /// Decode speed in tokens per second: the registered one, or 50 when the
+    /// provider sent none.
+    pub fn decode_tps_estimate(&self) -> f64 {
+        self.decode_tps.unwrap_or(50.0)
+    }
+
     pub fn free_slots(&self) -> u32 {
         let slots = lock(&self.slots);
         slots.max.saturating_sub(slots.in_flight)

@@ -268,15 +268,22 @@ impl Scheduler {
             .into_iter()
             .map(|(model, pool)| {
                 let entries = lock(&pool.entries);
+                let handles = entries.members.values().map(|member| &member.handle);
                 ModelCapacity {
                     model,
                     providers: entries.members.len(),
-                    free_slots: entries
-                        .members
-                        .values()
-                        .map(|member| member.handle.free_slots() as usize)
+                    total_slots: handles
+                        .clone()
+                        .map(|handle| handle.max_slots() as usize)
+                        .sum(),
+                    free_slots: handles
+                        .clone()
+                        .map(|handle| handle.free_slots() as usize)
                         .sum(),
                     queue_depth: pool.waiting.load(Ordering::Acquire),
+                    decode_tokens_per_second: handles
+                        .map(|handle| handle.decode_tps_estimate())
+                        .sum(),
                 }
             })
             .collect()
@@ -284,12 +291,15 @@ impl Scheduler {
 }
 
 /// Capacity of one model on this node.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ModelCapacity {
     pub model: ModelId,
     pub providers: usize,
+    pub total_slots: usize,
     pub free_slots: usize,
     pub queue_depth: usize,
+    /// Sum of the providers' decode speeds, tokens per second.
+    pub decode_tokens_per_second: f64,
 }
 
 struct WaitingGuard<'a>(&'a AtomicUsize);

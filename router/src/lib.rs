@@ -10,6 +10,7 @@
 pub mod account;
 pub mod admin;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod proxy;
@@ -32,11 +33,13 @@ pub async fn serve(listener: TcpListener, state: Arc<RouterState>) -> std::io::R
     info!(%address, nodes = state.config.nodes.len(), "router listening");
 
     let listener_task = tokio::spawn(revocation::listen(state.clone()));
+    let refresh_task = tokio::spawn(cluster::refresh(state.clone()));
     let shutdown = state.shutdown.clone();
     let served = axum::serve(listener, http::app(state))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await;
     listener_task.abort();
+    refresh_task.abort();
     served?;
     info!("router stopped");
     Ok(())

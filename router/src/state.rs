@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use switchyard_shared::catalog::SharedCatalog;
+use switchyard_shared::cluster::{ClusterBus, ClusterView, now_ms};
 use switchyard_shared::ids::NodeId;
 use switchyard_shared::ledger::Ledger;
 use switchyard_shared::metrics::{CounterFamily, HttpMetrics};
@@ -28,6 +29,9 @@ pub struct RouterState {
     /// Requests sent on to another node because one could not take them.
     pub node_failovers: CounterFamily,
     pub limiter: RateLimiter,
+    /// Live members and capacity, when a cluster bus is configured.
+    pub bus: Option<Arc<dyn ClusterBus>>,
+    pub view: ClusterView,
 }
 
 impl RouterState {
@@ -68,16 +72,74 @@ impl RouterState {
             http_metrics: Arc::new(HttpMetrics::default()),
             node_failovers: CounterFamily::default(),
             limiter,
+            bus: None,
+            view: ClusterView::new(),
         })
     }
 
-    /// Nodes to try for `model`, best first: the model's owners, then the rest of
-    /// the ring in preference order.
-    pub fn candidates(&self, model: &str) -> Vec<&NodeAddress> {
+    /// Uses `bus` for live membership and capacity instead of the static list.
+    pub fn with_bus(
+        config: RouterConfig,
+        catalog: Arc<SharedCatalog>,
+        ledger: Arc<dyn Ledger>,
+        bus: Arc<dyn ClusterBus>,
+    ) -> Arc<Self> {
+        let mut state =
+            Arc::into_inner(Self::new(config, catalog, ledger)).expect("a new state has one owner");
+        state.bus = Some(bus);
+        Arc::new(state)
+    }
+
+    /// Whether routing uses the live view: a bus is configured and has shown at
+    /// least one member. Until then the static node list is used.
+    fn live(&self) -> bool {
+        self.bus.is_some() && !self.view.members().is_empty()
+    }
+
+    /// Nodes to try for `model`, best first. With a live view: ring owners with
+    /// free slots, other nodes with free slots for the model, nodes with its
+    /// providers, then the owners (which queue). Without one: the static ring,
+    /// owner first.
+    pub fn candidates(&self, model: &str) -> Vec<NodeAddress> {
+        if self.live() {
+            let replicas = self
+                .catalog
+                .get(model)
+                .map_or(1, |entry| entry.replicas as usize);
+            return self
+                .view
+                .candidates(model, replicas, now_ms())
+                .into_iter()
+                .map(|record| NodeAddress {
+                    id: record.node_id,
+                    base_url: record.address,
+                })
+                .collect();
+        }
         self.ring
             .ranked(model)
             .into_iter()
-            .filter_map(|id| self.nodes.get(id))
+            .filter_map(|id| self.nodes.get(id).cloned())
             .collect()
+    }
+
+    /// The ring providers are placed on: the live one when there is a view.
+    pub fn placement_ring(&self) -> Ring {
+        if self.live() {
+            self.view.ring()
+        } else {
+            self.ring.clone()
+        }
+    }
+
+    /// The address of a node, from the live view or the static list.
+    pub fn node_address(&self, node: &NodeId) -> Option<NodeAddress> {
+        if let Some(record) = self.view.member(node) {
+            return Some(NodeAddress {
+                id: record.node_id,
+                base_url: record.address,
+            });
+        }
+        self.nodes.get(node).cloned()
     }
 }

@@ -56,7 +56,7 @@ pub async fn pipe_provider(state: Arc<RouterState>, mut socket: WebSocket) {
         }
     };
 
-    let Some(home) = home_node(&state, &register).cloned() else {
+    let Some(home) = home_node(&state, &register) else {
         close(
             &mut socket,
             close_code::TRY_AGAIN_LATER,
@@ -108,27 +108,26 @@ async fn first_text(socket: &mut WebSocket) -> Option<String> {
 }
 
 /// Picks the provider's home node from its primary model.
-fn home_node<'a>(state: &'a RouterState, register: &Register) -> Option<&'a NodeAddress> {
+fn home_node(state: &RouterState, register: &Register) -> Option<NodeAddress> {
     let identity = register.public_key.as_deref().unwrap_or_default();
     let primary = register
         .models
         .iter()
         .find_map(|model| state.catalog.get(&model.id));
 
+    let ring = state.placement_ring();
     let home = match primary {
         Some(entry) => {
-            let owners = state
-                .ring
-                .owners(entry.id.as_str(), entry.replicas as usize);
+            let owners = ring.owners(entry.id.as_str(), entry.replicas as usize);
             let digest = Sha256::digest(identity.as_bytes());
             let pick = usize::from(digest[0]) % owners.len().max(1);
             owners.get(pick).copied()
         }
         // A provider with no catalog model still needs a session (to heartbeat and
         // be told what is wrong); place it by its key.
-        None => state.ring.owner(identity),
+        None => ring.owner(identity),
     }?;
-    state.nodes.get(home)
+    state.node_address(home)
 }
 
 type Upstream =

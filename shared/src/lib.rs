@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod catalog;
+pub mod cluster;
 pub mod ids;
 pub mod internal;
 pub mod ledger;

@@ -456,14 +456,18 @@ async fn model_capacity_reports_counts() {
             ModelCapacity {
                 model: model(MODEL_A),
                 providers: 2,
+                total_slots: 2 * cap,
                 free_slots: 2 * cap,
                 queue_depth: 0,
+                decode_tokens_per_second: 100.0,
             },
             ModelCapacity {
                 model: model(MODEL_B),
                 providers: 1,
+                total_slots: cap,
                 free_slots: cap,
                 queue_depth: 0,
+                decode_tokens_per_second: 50.0,
             },
         ]
     );

@@ -56,6 +56,7 @@ impl Session {
             config,
             Arc::new(switchyard_shared::catalog::SharedCatalog::new(catalog)),
             ledger,
+            None,
         );
         let (inbound, inbound_stream) = unbounded::<InboundFrame>();
         let (outbound_sink, outbound) = unbounded::<Message>();
