@@ -254,6 +254,10 @@ struct CoordinatorArgs {
     /// Base URL routers use to reach this node; `http://<listen>` by default.
     #[arg(long, env = "SWITCHYARD_ADVERTISE_URL")]
     advertise_url: Option<String>,
+    /// Seconds a stopping node waits for its requests to finish and its
+    /// providers to move before it closes what is left.
+    #[arg(long, default_value_t = 30, env = "SWITCHYARD_DRAIN_TIMEOUT_SECS")]
+    drain_timeout_secs: u64,
     /// Seconds without a heartbeat after which a provider is evicted.
     #[arg(long, default_value_t = 90, env = "SWITCHYARD_HEARTBEAT_TIMEOUT_SECS")]
     heartbeat_timeout_secs: u64,
@@ -636,10 +640,13 @@ async fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("failed to bind {}", args.listen))?;
 
-    let node_shutdown = state.shutdown.clone();
+    // The first signal drains: new work goes elsewhere, providers move to other
+    // nodes, requests in flight finish. A second signal exits at once.
+    let draining = state.clone();
+    let drain_deadline = Duration::from_secs(args.drain_timeout_secs);
     tokio::spawn(async move {
         shutdown.cancelled().await;
-        node_shutdown.cancel();
+        switchyard_coordinator::node::drain_and_stop(draining, drain_deadline).await;
     });
     switchyard_coordinator::serve(listener, state).await?;
     Ok(())

@@ -87,3 +87,79 @@ async fn stopped_node_leaves_the_view() {
     );
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_node_moves_its_providers() {
+    let cluster = common::start(common::options(0)).await;
+    let models: Vec<String> = cluster
+        .router
+        .catalog
+        .snapshot()
+        .enabled()
+        .map(|entry| entry.id.to_string())
+        .collect();
+    let mut providers = Vec::new();
+    for index in 0..6 {
+        // Different primary models spread the providers over the nodes.
+        let mut rotated = models.clone();
+        rotated.rotate_left(index % models.len());
+        let mut config =
+            switchyard_loadtest::sim::SimProviderConfig::new(cluster.provider_url(), rotated);
+        config.reconnect_initial_delay = Duration::from_millis(100);
+        config.reconnect_max_delay = Duration::from_millis(500);
+        providers.push(switchyard_loadtest::sim::SimProvider::spawn(config));
+    }
+    cluster
+        .wait_for_providers(6, Duration::from_secs(10))
+        .await
+        .unwrap();
+    common::eventually("the router sees three members", async || {
+        cluster.router.view.members().len() == 3
+    })
+    .await;
+
+    // Drain the node with the most providers.
+    let busiest = cluster
+        .nodes
+        .iter()
+        .max_by_key(|node| node.provider_count())
+        .unwrap()
+        .clone();
+    assert!(busiest.provider_count() > 0);
+    let drained = tokio::spawn(switchyard_coordinator::node::drain_and_stop(
+        busiest.clone(),
+        Duration::from_secs(20),
+    ));
+
+    common::eventually("the draining node's providers move away", async || {
+        busiest.provider_count() == 0
+    })
+    .await;
+    drained.await.unwrap();
+    assert!(
+        busiest.metrics.rehomes.value(&[]) > 0,
+        "providers were re-homed, not cut off"
+    );
+    common::eventually("every provider is back on a live node", async || {
+        cluster
+            .nodes
+            .iter()
+            .filter(|node| !node.shutdown.is_cancelled())
+            .map(|node| node.provider_count())
+            .sum::<usize>()
+            == 6
+    })
+    .await;
+
+    // Every model is still served.
+    for model in &models {
+        let mut body = common::chat_body(false);
+        body["model"] = serde_json::json!(model);
+        assert_eq!(
+            common::post_chat(&cluster, &body).await.status(),
+            200,
+            "model {model}"
+        );
+    }
+    cluster.shutdown().await;
+}

@@ -67,6 +67,12 @@ async fn metrics(State(state): State<Arc<NodeState>>) -> Response {
     );
     render_counter(
         &mut out,
+        &state.metrics.rehomes,
+        "switchyard_node_rehomes_total",
+        "Provider sockets closed so the provider moves to its new home.",
+    );
+    render_counter(
+        &mut out,
         &state.metrics.ledger_errors,
         "switchyard_node_ledger_errors_total",
         "Failed ledger calls, by operation.",
@@ -119,8 +125,8 @@ async fn healthz() -> &'static str {
 
 /// Ready when not shutting down and the ledger answers within a second.
 async fn readyz(State(state): State<Arc<NodeState>>) -> Response {
-    if state.shutdown.is_cancelled() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    if state.shutdown.is_cancelled() || state.is_draining() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response();
     }
     let ledger =
         tokio::time::timeout(std::time::Duration::from_secs(1), state.ledger.check()).await;
@@ -224,7 +230,7 @@ async fn handle_chat(
     tracing::Span::current().record("model", entry.id.as_str());
     let chat = request::validate_chat_request(body, &entry)?;
 
-    if state.scheduler.provider_count(&entry.id) == 0 {
+    if state.is_draining() || state.scheduler.provider_count(&entry.id) == 0 {
         return Ok(retry_elsewhere());
     }
 
@@ -274,6 +280,7 @@ async fn handle_chat(
         }
     }
 
+    let active = state.track_request();
     let consumer_gone = CancellationToken::new();
     let stream = chat.stream;
     let job = Job {
@@ -286,9 +293,13 @@ async fn handle_chat(
         consumer_gone: consumer_gone.clone(),
     };
     let (start_sender, start_receiver) = oneshot::channel();
-    state
-        .tasks
-        .spawn(dispatch::run(job, start_sender).instrument(tracing::Span::current()));
+    state.tasks.spawn(
+        async move {
+            let _active = active;
+            dispatch::run(job, start_sender).await;
+        }
+        .instrument(tracing::Span::current()),
+    );
 
     // If this handler is dropped before the answer starts, the consumer has gone.
     let gone_on_drop = consumer_gone.clone().drop_guard();

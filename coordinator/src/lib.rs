@@ -14,6 +14,7 @@ pub mod http;
 pub mod membership;
 pub mod node;
 pub mod provider;
+pub mod rehome;
 pub mod request;
 pub mod scheduler;
 pub mod session;

@@ -41,7 +41,13 @@ pub async fn run(state: Arc<NodeState>, address: String) {
     loop {
         let result = tokio::select! {
             _ = state.shutdown.cancelled() => break,
-            _ = heartbeats.tick() => bus.heartbeat(&record, MEMBER_TTL).await,
+            _ = heartbeats.tick() => {
+                let mut current = record.clone();
+                if state.is_draining() {
+                    current.state = MemberState::Draining;
+                }
+                bus.heartbeat(&current, MEMBER_TTL).await
+            }
             _ = snapshots.tick() => {
                 sequence += 1;
                 bus.publish_snapshot(&snapshot(&state, sequence), SNAPSHOT_TTL).await

@@ -1,6 +1,7 @@
 //! A coordinator node's shared state and its lifecycle.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use switchyard_shared::catalog::SharedCatalog;
@@ -32,6 +33,11 @@ pub struct NodeState {
     /// Where the node announces itself and its capacity; `None` for a node
     /// outside any cluster bus (routers then need its address in their list).
     pub bus: Option<Arc<dyn ClusterBus>>,
+    /// Set when the node drains: it takes no new requests, announces itself as
+    /// draining and moves its providers away.
+    draining: AtomicBool,
+    /// Consumer requests being served.
+    active_requests: AtomicUsize,
 }
 
 /// Counters of a node; gauges are computed when `/metrics` is scraped.
@@ -44,6 +50,8 @@ pub struct NodeMetrics {
     pub attempt_failures: CounterFamily,
     /// Ledger calls that failed, by operation.
     pub ledger_errors: CounterFamily,
+    /// Provider sockets closed so the provider moves to its new home.
+    pub rehomes: CounterFamily,
 }
 
 impl NodeState {
@@ -64,6 +72,8 @@ impl NodeState {
             tasks: TaskTracker::new(),
             metrics: NodeMetrics::default(),
             bus,
+            draining: AtomicBool::new(false),
+            active_requests: AtomicUsize::new(0),
         })
     }
 
@@ -82,6 +92,20 @@ impl NodeState {
         self.scheduler.refresh(provider);
     }
 
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Counts a consumer request until the returned guard drops.
+    pub fn track_request(self: &Arc<Self>) -> ActiveRequest {
+        self.active_requests.fetch_add(1, Ordering::AcqRel);
+        ActiveRequest(self.clone())
+    }
+
+    pub fn active_requests(&self) -> usize {
+        self.active_requests.load(Ordering::Acquire)
+    }
+
     pub fn provider_count(&self) -> usize {
         read(&self.providers).len()
     }
@@ -89,6 +113,43 @@ impl NodeState {
     pub fn providers(&self) -> Vec<Arc<ProviderHandle>> {
         read(&self.providers).values().cloned().collect()
     }
+}
+
+/// A consumer request in progress; dropping it ends the count.
+pub struct ActiveRequest(Arc<NodeState>);
+
+impl Drop for ActiveRequest {
+    fn drop(&mut self) {
+        self.0.active_requests.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Drains the node, then stops it: it stops taking requests, announces itself as
+/// draining (so routers send nothing new and its providers re-home), and waits
+/// until its requests have finished and its providers have left, or until
+/// `deadline`. Then it cancels `shutdown`, which closes what is left and leaves
+/// the member set.
+pub async fn drain_and_stop(state: Arc<NodeState>, deadline: std::time::Duration) {
+    state.draining.store(true, Ordering::Release);
+    info!(node.id = %state.config.node_id, deadline_secs = deadline.as_secs(), "draining");
+
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        let providers_left = state.bus.is_none() || state.provider_count() == 0;
+        if state.active_requests() == 0 && providers_left {
+            break;
+        }
+        if tokio::time::Instant::now() >= until {
+            warn!(
+                requests = state.active_requests(),
+                providers = state.provider_count(),
+                "drain deadline passed; stopping with work left"
+            );
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    state.shutdown.cancel();
 }
 
 /// Serves the node's internal HTTP and WebSocket endpoints on `listener` until
@@ -105,6 +166,7 @@ pub async fn serve(listener: TcpListener, state: Arc<NodeState>) -> std::io::Res
     state
         .tasks
         .spawn(crate::membership::run(state.clone(), advertised));
+    state.tasks.spawn(crate::rehome::run(state.clone()));
 
     if !state.config.sweep_interval.is_zero() {
         state.tasks.spawn(sweep_stale_holds(state.clone()));

@@ -94,8 +94,13 @@ pub struct ProviderHandle {
     /// Whether the provider's trust level reaches the node's `min_trust`.
     meets_min_trust: bool,
     last_heartbeat: Mutex<Instant>,
-    /// Cancelled to end the session (eviction, shutdown).
+    /// Cancelled to end the session (eviction, shutdown, re-homing).
     pub session_token: CancellationToken,
+    /// Close code and reason sent when `session_token` is cancelled by [`ProviderHandle::close`].
+    close_frame: Mutex<Option<(u16, &'static str)>>,
+    /// Set while the provider waits to move to another node: it takes no new
+    /// requests and finishes the ones it has.
+    migrating: AtomicBool,
 }
 
 impl std::fmt::Debug for ProviderHandle {
@@ -166,6 +171,8 @@ impl ProviderHandle {
             meets_min_trust: provider.meets_min_trust,
             last_heartbeat: Mutex::new(Instant::now()),
             session_token: provider.session_token,
+            close_frame: Mutex::new(None),
+            migrating: AtomicBool::new(false),
         }
     }
 
@@ -220,11 +227,33 @@ impl ProviderHandle {
     }
 
     pub fn is_routable(&self) -> bool {
-        self.public_key.is_some()
+        !self.migrating.load(Ordering::Acquire)
+            && self.public_key.is_some()
             && self.meets_min_trust
             && !self.untrusted.load(Ordering::Acquire)
             && !self.challenge_failed.load(Ordering::Acquire)
             && !self.session_token.is_cancelled()
+    }
+
+    /// Ends the session with this close code and reason.
+    pub fn close(&self, code: u16, reason: &'static str) {
+        *lock(&self.close_frame) = Some((code, reason));
+        self.session_token.cancel();
+    }
+
+    /// The close frame set by [`ProviderHandle::close`], if any.
+    pub fn close_frame(&self) -> Option<(u16, &'static str)> {
+        *lock(&self.close_frame)
+    }
+
+    /// Starts or stops the wait to move to another node.
+    pub fn set_migrating(&self, migrating: bool) {
+        self.migrating.store(migrating, Ordering::Release);
+        self.bump_generation();
+    }
+
+    pub fn is_migrating(&self) -> bool {
+        self.migrating.load(Ordering::Acquire)
     }
 
     /// Marks the provider untrusted until it reconnects.

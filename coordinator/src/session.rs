@@ -39,6 +39,8 @@ pub mod close_code {
     pub const HEARTBEAT_TIMEOUT: u16 = 4000;
     /// The node is shutting down; reconnect through a router.
     pub const GOING_AWAY: u16 = 1001;
+    /// The provider's home is now another node; reconnect through a router.
+    pub const REHOME: u16 = 4001;
 }
 
 /// Time a new connection has to send `register`.
@@ -236,7 +238,8 @@ where
         let challenge_deadline = challenge.as_ref().map(|pending| pending.deadline);
         tokio::select! {
             _ = provider.session_token.cancelled() => {
-                let _ = provider.try_send(Outbound::Close(close_code::GOING_AWAY, "node shutting down"));
+                let (code, reason) = provider.close_frame().unwrap_or((close_code::GOING_AWAY, "node shutting down"));
+                let _ = provider.try_send(Outbound::Close(code, reason));
                 return;
             }
             frame = stream.next() => {

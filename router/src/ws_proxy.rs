@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use axum::extract::ws::{self, CloseFrame, Message, WebSocket};
 use futures::{SinkExt, StreamExt};
-use sha2::{Digest, Sha256};
+use switchyard_shared::cluster::home_of;
 use switchyard_shared::internal;
 use switchyard_shared::protocol::{MAX_MESSAGE_BYTES, ProviderMessage, Register};
 use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest};
@@ -116,17 +116,12 @@ fn home_node(state: &RouterState, register: &Register) -> Option<NodeAddress> {
         .find_map(|model| state.catalog.get(&model.id));
 
     let ring = state.placement_ring();
-    let home = match primary {
-        Some(entry) => {
-            let owners = ring.owners(entry.id.as_str(), entry.replicas as usize);
-            let digest = Sha256::digest(identity.as_bytes());
-            let pick = usize::from(digest[0]) % owners.len().max(1);
-            owners.get(pick).copied()
-        }
-        // A provider with no catalog model still needs a session (to heartbeat and
-        // be told what is wrong); place it by its key.
-        None => ring.owner(identity),
-    }?;
+    // A provider with no catalog model still gets a session (to heartbeat and be
+    // told what is wrong), placed by its key.
+    let primary = primary
+        .as_ref()
+        .map(|entry| (entry.id.as_str(), entry.replicas as usize));
+    let home = home_of(&ring, primary, identity)?;
     state.node_address(home)
 }
 

@@ -318,6 +318,28 @@ impl ClusterBus for RedisBus {
     }
 }
 
+/// Returns the home node of a provider: for a primary model with `replicas`
+/// owners, the owner picked by a hash of the provider's public key, so a hot
+/// model's providers spread over its owners and a reconnecting provider lands
+/// on the same one; without a catalog model, the ring owner of the key itself.
+pub fn home_of<'a>(
+    ring: &'a Ring,
+    primary: Option<(&str, usize)>,
+    public_key: &str,
+) -> Option<&'a NodeId> {
+    use sha2::{Digest, Sha256};
+
+    match primary {
+        Some((model, replicas)) => {
+            let owners = ring.owners(model, replicas);
+            let digest = Sha256::digest(public_key.as_bytes());
+            let pick = usize::from(digest[0]) % owners.len().max(1);
+            owners.get(pick).copied()
+        }
+        None => ring.owner(public_key),
+    }
+}
+
 /// A router's view of the cluster: live members, the ring over the active ones,
 /// and the latest snapshot of each node. Reading it takes a read lock only.
 #[derive(Default)]
