@@ -6,7 +6,7 @@ use std::sync::{Arc, RwLock};
 
 use switchyard_shared::catalog::SharedCatalog;
 use switchyard_shared::cluster::ClusterBus;
-use switchyard_shared::ids::ProviderId;
+use switchyard_shared::ids::{NodeId, ProviderId};
 use switchyard_shared::ledger::Ledger;
 use switchyard_shared::metrics::{CounterFamily, HttpMetrics};
 use tokio::net::TcpListener;
@@ -184,8 +184,13 @@ pub async fn serve(listener: TcpListener, state: Arc<NodeState>) -> std::io::Res
     Ok(())
 }
 
-/// Releases, every `sweep_interval`, the holds that dead nodes left open. The
-/// ledger lets one node sweep at a time.
+/// A hold of a node that is no longer a member is released once it is this old,
+/// which covers a node that left while its last settlements were still retrying.
+const ORPHAN_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Releases, every `sweep_interval`, the holds that dead nodes left open: at once
+/// (after a grace period) for nodes that left the member set, and after the hold
+/// timeout for any node. The ledger lets one node sweep stale holds at a time.
 async fn sweep_stale_holds(state: Arc<NodeState>) {
     let mut ticks = tokio::time::interval(state.config.sweep_interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -194,6 +199,7 @@ async fn sweep_stale_holds(state: Arc<NodeState>) {
             _ = state.shutdown.cancelled() => return,
             _ = ticks.tick() => {}
         }
+        release_orphaned_holds(&state).await;
         match state
             .ledger
             .release_stale_holds(state.config.hold_timeout)
@@ -208,6 +214,37 @@ async fn sweep_stale_holds(state: Arc<NodeState>) {
                     .increment(&[("operation", "sweep")]);
                 warn!(error = %error, "sweeping stale holds failed");
             }
+        }
+    }
+}
+
+/// Releases the holds of nodes that are no longer members. Skipped while the bus
+/// is unreachable or shows no member, since every node would then look dead.
+async fn release_orphaned_holds(state: &NodeState) {
+    let Some(bus) = &state.bus else {
+        return;
+    };
+    let members = match bus.members().await {
+        Ok(members) if !members.is_empty() => members,
+        _ => return,
+    };
+    let live: Vec<NodeId> = members.into_iter().map(|member| member.node_id).collect();
+    match state
+        .ledger
+        .release_orphaned_holds(&live, ORPHAN_GRACE)
+        .await
+    {
+        Ok(0) => {}
+        Ok(released) => info!(
+            released,
+            "released the holds of nodes that left the cluster"
+        ),
+        Err(error) => {
+            state
+                .metrics
+                .ledger_errors
+                .increment(&[("operation", "sweep")]);
+            warn!(error = %error, "releasing the holds of departed nodes failed");
         }
     }
 }

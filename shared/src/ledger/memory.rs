@@ -24,6 +24,7 @@ enum HoldState {
 #[derive(Debug)]
 struct Hold {
     account_id: AccountId,
+    node_id: crate::ids::NodeId,
     key_prefix: String,
     amount: MicroUsd,
     state: HoldState,
@@ -207,6 +208,7 @@ impl Ledger for MemoryLedger {
             hold.request_id,
             Hold {
                 account_id: hold.account_id,
+                node_id: hold.node_id,
                 key_prefix: hold.key_prefix,
                 amount: hold.amount,
                 state: HoldState::Open,
@@ -366,6 +368,38 @@ impl Ledger for MemoryLedger {
         let mut released = 0;
         for (request_id, hold) in state.holds.iter_mut() {
             if hold.state != HoldState::Open || hold.created.elapsed() < older_than {
+                continue;
+            }
+            hold.state = HoldState::Released;
+            if let Some(account) = state.accounts.get_mut(&hold.account_id) {
+                account.held = account.held - hold.amount;
+            }
+            apply_entry(
+                &mut state.accounts,
+                &mut state.entries,
+                &hold.account_id,
+                EntryKind::Release,
+                request_id.as_str(),
+                hold.amount,
+            );
+            released += 1;
+        }
+        Ok(released)
+    }
+
+    async fn release_orphaned_holds(
+        &self,
+        live_nodes: &[crate::ids::NodeId],
+        older_than: Duration,
+    ) -> Result<u64, LedgerError> {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let mut released = 0;
+        for (request_id, hold) in state.holds.iter_mut() {
+            let orphaned = hold.state == HoldState::Open
+                && hold.created.elapsed() >= older_than
+                && !live_nodes.contains(&hold.node_id);
+            if !orphaned {
                 continue;
             }
             hold.state = HoldState::Released;

@@ -378,6 +378,15 @@ pub trait Ledger: Send + Sync + 'static {
     /// released.
     async fn release_stale_holds(&self, older_than: Duration) -> Result<u64, LedgerError>;
 
+    /// Releases holds placed by nodes not in `live_nodes` that are older than
+    /// `older_than`: their node died before settling them. Returns how many were
+    /// released. A settled hold is never released.
+    async fn release_orphaned_holds(
+        &self,
+        live_nodes: &[NodeId],
+        older_than: Duration,
+    ) -> Result<u64, LedgerError>;
+
     /// Checks that the backend is reachable.
     async fn check(&self) -> Result<(), LedgerError>;
 

@@ -555,6 +555,37 @@ impl Ledger for PgLedger {
         Ok(released)
     }
 
+    async fn release_orphaned_holds(
+        &self,
+        live_nodes: &[crate::ids::NodeId],
+        older_than: Duration,
+    ) -> Result<u64, LedgerError> {
+        let live: Vec<&str> = live_nodes.iter().map(crate::ids::NodeId::as_str).collect();
+        let orphaned: Vec<String> = sqlx::query_scalar(
+            "SELECT request_id FROM holds
+             WHERE state = 'open' AND node_id <> ALL($1)
+               AND created_at < now() - make_interval(secs => $2)
+             ORDER BY created_at
+             LIMIT 1000",
+        )
+        .bind(&live)
+        .bind(older_than.as_secs_f64())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+
+        let mut released = 0;
+        for request_id in orphaned {
+            if self
+                .release_hold(&ConsumerRequestId::new(request_id))
+                .await?
+            {
+                released += 1;
+            }
+        }
+        Ok(released)
+    }
+
     async fn check(&self) -> Result<(), LedgerError> {
         sqlx::query("SELECT 1")
             .execute(&self.pool)

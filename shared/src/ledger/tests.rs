@@ -1346,6 +1346,47 @@ async fn rate_limits_follow_keys(ledger: &dyn Ledger) {
     );
 }
 
+contract_test!(orphaned_holds_released);
+async fn orphaned_holds_released(ledger: &dyn Ledger) {
+    open_accounts(ledger, 10_000).await;
+    let on_node = |id: &str, node: &str| HoldRequest {
+        node_id: NodeId::new(node),
+        ..hold_of(id, &consumer(), 1_000)
+    };
+    for (id, node) in [
+        ("live-open", "live"),
+        ("dead-open", "dead"),
+        ("dead-settled", "dead"),
+    ] {
+        ledger
+            .place_hold(on_node(id, node))
+            .await
+            .expect("hold fits");
+    }
+    let receipt = settle(ledger, "dead-settled", 400).await;
+    assert_eq!(receipt.charged, micro(400));
+
+    let released = ledger
+        .release_orphaned_holds(&[NodeId::new("live")], Duration::ZERO)
+        .await
+        .expect("ledger is available");
+    assert_eq!(released, 1, "only the dead node's open hold");
+
+    let balance = balance_of(ledger, &consumer()).await;
+    assert_eq!(balance.held, micro(1_000), "the live node's hold stays");
+    assert_eq!(
+        balance.balance,
+        micro(10_000 - 400),
+        "the settled charge stays"
+    );
+
+    let young = ledger
+        .release_orphaned_holds(&[], Duration::from_secs(3600))
+        .await
+        .expect("ledger is available");
+    assert_eq!(young, 0, "holds younger than the grace period stay");
+}
+
 contract_test!(models_upsert_and_list);
 async fn models_upsert_and_list(ledger: &dyn Ledger) {
     assert_eq!(
