@@ -1,0 +1,395 @@
+//! Whole clusters of real processes: three coordinator nodes and two routers of
+//! the `switchyard` binary, sharing Postgres and a Redis server of the test's
+//! own, with simulated providers. Covers a node killed with `kill -9`, a node
+//! added, and Redis restarted under load.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails loudly on any unexpected error"
+)]
+
+mod common;
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use switchyard_loadtest::sim::{SimProvider, SimProviderConfig};
+use switchyard_shared::ids::AccountId;
+use switchyard_shared::ledger::Ledger as _;
+use switchyard_shared::ledger::test_db::TestDatabase;
+use switchyard_shared::money::MicroUsd;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_switchyard");
+const CLUSTER_TOKEN: &str = "multi-process-cluster-token";
+
+/// A loopback port that was free a moment ago.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process that is killed when dropped.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Process {
+    let mut command = Command::new(BINARY);
+    command
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (key, value) in envs {
+        command.env(key, value);
+    }
+    Process(command.spawn().unwrap())
+}
+
+/// A Redis server of this test's own, so the test can stop and restart it.
+struct PrivateRedis {
+    port: u16,
+    process: Option<Process>,
+}
+
+impl PrivateRedis {
+    fn start(port: u16) -> Self {
+        let mut redis = Self {
+            port,
+            process: None,
+        };
+        redis.restart();
+        redis
+    }
+
+    fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/services installs it)");
+        self.process = Some(Process(child));
+        wait_for_port(self.port);
+    }
+
+    fn stop(&mut self) {
+        self.process = None;
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on port {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct Cluster {
+    database_url: String,
+    redis_url: String,
+    node_ports: Vec<u16>,
+    router_ports: Vec<u16>,
+    nodes: Vec<Option<Process>>,
+    _routers: Vec<Process>,
+}
+
+impl Cluster {
+    fn start_node(&mut self, index: usize) {
+        let port = self.node_ports[index];
+        let node = spawn(
+            &[
+                "coordinator",
+                "--node-id",
+                &format!("coordinator-{index}"),
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--redis-url",
+                &self.redis_url,
+                "--drain-timeout-secs",
+                "5",
+            ],
+            &[
+                ("DATABASE_URL", &self.database_url),
+                ("SWITCHYARD_CLUSTER_TOKEN", CLUSTER_TOKEN),
+            ],
+        );
+        wait_for_port(port);
+        if index < self.nodes.len() {
+            self.nodes[index] = Some(node);
+        } else {
+            self.nodes.push(Some(node));
+        }
+    }
+
+    fn router_base(&self, index: usize) -> String {
+        format!("http://127.0.0.1:{}/v1", self.router_ports[index])
+    }
+
+    /// Provider sessions per live node, from each node's metrics.
+    async fn sessions(&self) -> Vec<f64> {
+        let mut sessions = Vec::new();
+        for (index, node) in self.nodes.iter().enumerate() {
+            if node.is_none() {
+                continue;
+            }
+            let url = format!("http://127.0.0.1:{}/metrics", self.node_ports[index]);
+            let count = match reqwest::get(&url).await {
+                Ok(response) => response
+                    .text()
+                    .await
+                    .unwrap_or_default()
+                    .lines()
+                    .find(|line| line.starts_with("switchyard_node_provider_sessions "))
+                    .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+                    .unwrap_or(0.0),
+                Err(_) => 0.0,
+            };
+            sessions.push(count);
+        }
+        sessions
+    }
+
+    async fn total_sessions(&self) -> f64 {
+        self.sessions().await.iter().sum()
+    }
+}
+
+async fn chat(base: &str, key: &str, model: &str) -> u16 {
+    let mut body = common::chat_body(false);
+    body["model"] = serde_json::json!(model);
+    reqwest::Client::new()
+        .post(format!("{base}/chat/completions"))
+        .bearer_auth(key)
+        .timeout(Duration::from_secs(30))
+        .json(&body)
+        .send()
+        .await
+        .map_or(0, |response| response.status().as_u16())
+}
+
+async fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut condition: impl AsyncFnMut() -> bool,
+) -> Duration {
+    let started = Instant::now();
+    while !condition().await {
+        assert!(
+            started.elapsed() < timeout,
+            "timed out after {timeout:?} waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_survives_node_loss_and_growth() {
+    let database = TestDatabase::create().await.unwrap();
+    let ledger = database.ledger(4).unwrap();
+    let account = AccountId::from("acme");
+    ledger.create_account(&account).await.unwrap();
+    ledger
+        .credit(&account, MicroUsd::from_usd(100), "seed")
+        .await
+        .unwrap();
+    let key = ledger
+        .issue_api_key(&account, "multi-process")
+        .await
+        .unwrap()
+        .secret;
+
+    let mut redis = PrivateRedis::start(free_port());
+    let node_ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
+    let router_ports: Vec<u16> = (0..2).map(|_| free_port()).collect();
+    let mut cluster = Cluster {
+        database_url: database.url.clone(),
+        redis_url: redis.url(),
+        node_ports: node_ports.clone(),
+        router_ports: router_ports.clone(),
+        nodes: Vec::new(),
+        _routers: Vec::new(),
+    };
+    for index in 0..3 {
+        cluster.start_node(index);
+    }
+    let node_list: Vec<String> = (0..3)
+        .map(|index| {
+            format!(
+                "--node=coordinator-{index}=http://127.0.0.1:{}",
+                node_ports[index]
+            )
+        })
+        .collect();
+    for port in &router_ports {
+        let listen = format!("127.0.0.1:{port}");
+        let mut args = vec![
+            "router",
+            "--listen",
+            &listen,
+            "--redis-url",
+            &cluster.redis_url,
+        ];
+        args.extend([
+            "--default-requests-per-minute",
+            "0",
+            "--default-tokens-per-minute",
+            "0",
+            "--routers",
+            "2",
+        ]);
+        args.extend(node_list.iter().map(String::as_str));
+        cluster._routers.push(spawn(
+            &args,
+            &[
+                ("DATABASE_URL", &database.url),
+                ("SWITCHYARD_CLUSTER_TOKEN", CLUSTER_TOKEN),
+            ],
+        ));
+        wait_for_port(*port);
+    }
+
+    // Twelve providers over four models, half through each router, with the
+    // provider agent's reconnect backoff (1 s doubling to 5 s).
+    let catalog = switchyard_shared::catalog::Catalog::builtin();
+    let models: Vec<String> = catalog
+        .enabled()
+        .map(|entry| entry.id.to_string())
+        .take(4)
+        .collect();
+    let providers: Vec<SimProvider> = (0..12)
+        .map(|index| {
+            let router = router_ports[index % 2];
+            let mut served = models.clone();
+            served.rotate_left(index % models.len());
+            let config =
+                SimProviderConfig::new(format!("ws://127.0.0.1:{router}/ws/provider"), served);
+            SimProvider::spawn(config)
+        })
+        .collect();
+    wait_until(
+        "every provider is on a node",
+        Duration::from_secs(20),
+        async || cluster.total_sessions().await == 12.0,
+    )
+    .await;
+
+    // Every model is served through either router, including models whose
+    // providers live on a node that does not own them.
+    for model in &models {
+        for router in 0..2 {
+            assert_eq!(
+                chat(&cluster.router_base(router), &key, model).await,
+                200,
+                "model {model} via router {router}"
+            );
+        }
+    }
+
+    // kill -9 of the node with the most providers.
+    let sessions = cluster.sessions().await;
+    let victim = (0..sessions.len())
+        .max_by(|a, b| sessions[*a].total_cmp(&sessions[*b]))
+        .unwrap();
+    assert!(sessions[victim] > 0.0);
+    cluster.nodes[victim] = None;
+    let rehomed_in = wait_until(
+        "the victim's providers are on other nodes",
+        Duration::from_secs(15),
+        async || cluster.total_sessions().await == 12.0,
+    )
+    .await;
+    println!("providers routable again {rehomed_in:?} after kill -9");
+    assert!(
+        rehomed_in <= Duration::from_secs(10),
+        "re-homing took {rehomed_in:?}"
+    );
+    for model in &models {
+        assert_eq!(
+            chat(&cluster.router_base(0), &key, model).await,
+            200,
+            "model {model} after the kill"
+        );
+    }
+
+    // A fourth node joins: some providers move to it, and nothing fails meanwhile.
+    cluster.start_node(3);
+    let mut statuses = Vec::new();
+    let joined = Instant::now();
+    while joined.elapsed() < Duration::from_secs(8) {
+        statuses.push(chat(&cluster.router_base(1), &key, &models[0]).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        statuses.iter().all(|status| *status == 200),
+        "requests failed while providers moved: {statuses:?}"
+    );
+    wait_until(
+        "the new node has providers",
+        Duration::from_secs(15),
+        async || cluster.sessions().await.last().copied().unwrap_or(0.0) > 0.0,
+    )
+    .await;
+    wait_until(
+        "all providers are connected",
+        Duration::from_secs(15),
+        async || cluster.total_sessions().await == 12.0,
+    )
+    .await;
+
+    // Redis restarted under load: requests keep succeeding throughout.
+    redis.stop();
+    for model in &models {
+        assert_eq!(
+            chat(&cluster.router_base(0), &key, model).await,
+            200,
+            "model {model} without Redis"
+        );
+    }
+    redis.restart();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for model in &models {
+        assert_eq!(
+            chat(&cluster.router_base(1), &key, model).await,
+            200,
+            "model {model} after Redis returned"
+        );
+    }
+
+    // Each served request was billed once.
+    let usage = ledger.usage(&account, 500, None).await.unwrap();
+    let billed: i64 = usage.iter().map(|record| record.cost.get()).sum();
+    let balance = ledger.balance(&account).await.unwrap();
+    assert_eq!(
+        MicroUsd::from_usd(100) - balance.balance,
+        MicroUsd::new(billed)
+    );
+
+    drop(providers);
+    drop(cluster);
+    drop(ledger);
+    database.drop_database().await.unwrap();
+}
