@@ -387,6 +387,7 @@ async fn cluster_survives_node_loss_and_growth() {
         MicroUsd::from_usd(100) - balance.balance,
         MicroUsd::new(billed)
     );
+    assert_eq!(balance.held, MicroUsd::ZERO, "no hold is left open");
 
     drop(providers);
     drop(cluster);
