@@ -191,6 +191,9 @@ impl DevCluster {
             router_shutdown.cancel();
         });
         servers.spawn(switchyard_router::serve(listener, router.clone()));
+        // Providers are placed on the router's ring, so the router must see every
+        // node first; a partial view would place some on the wrong node.
+        wait_for_view(&router, nodes.len()).await?;
 
         let providers = spawn_providers(&options, router_address, &provider_token, &shutdown);
         let cluster = Self {
@@ -245,6 +248,21 @@ impl DevCluster {
         }
         while self.servers.join_next().await.is_some() {}
     }
+}
+
+/// Waits until `router` sees `count` members on the bus.
+async fn wait_for_view(router: &RouterState, count: usize) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while router.view.members().len() < count {
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "the router saw {} of {count} nodes within 10 s",
+                router.view.members().len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
 }
 
 /// How often roles reload the model catalog from the ledger.

@@ -1,7 +1,8 @@
 //! Whole clusters of real processes: three coordinator nodes and two routers of
 //! the `switchyard` binary, sharing Postgres and a Redis server of the test's
-//! own, with simulated providers. Covers a node killed with `kill -9`, a node
-//! added, and Redis restarted under load.
+//! own, with simulated providers. Covers a node added, a node killed with
+//! `kill -9`, a rate limit shared by both routers, and Redis restarted under
+//! load.
 
 #![allow(
     clippy::unwrap_used,
@@ -22,6 +23,8 @@ use switchyard_shared::money::MicroUsd;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_switchyard");
 const CLUSTER_TOKEN: &str = "multi-process-cluster-token";
+/// Simulated providers, each with a primary model of its own.
+const PROVIDERS: usize = 24;
 
 /// A loopback port that was free a moment ago.
 fn free_port() -> u16 {
@@ -109,6 +112,7 @@ fn wait_for_port(port: u16) {
 
 struct Cluster {
     database_url: String,
+    catalog_path: String,
     redis_url: String,
     node_ports: Vec<u16>,
     router_ports: Vec<u16>,
@@ -130,6 +134,8 @@ impl Cluster {
                 &self.redis_url,
                 "--drain-timeout-secs",
                 "5",
+                "--catalog",
+                &self.catalog_path,
             ],
             &[
                 ("DATABASE_URL", &self.database_url),
@@ -225,8 +231,29 @@ async fn cluster_survives_node_loss_and_growth() {
     let mut redis = PrivateRedis::start(free_port());
     let node_ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
     let router_ports: Vec<u16> = (0..2).map(|_| free_port()).collect();
+    // One model per provider, so that which providers move follows the ring
+    // closely rather than in groups.
+    let models: Vec<String> = (0..PROVIDERS)
+        .map(|index| format!("test/model-{index:02}"))
+        .collect();
+    let entries: Vec<serde_json::Value> = models
+        .iter()
+        .map(|id| serde_json::json!({"id": id, "input_per_mtok": 23000, "output_per_mtok": 75000, "min_charge": 100}))
+        .collect();
+    let catalog_path = std::env::temp_dir().join(format!(
+        "switchyard-multi-process-{}.json",
+        std::process::id()
+    ));
+    std::fs::write(
+        &catalog_path,
+        serde_json::json!({"models": entries}).to_string(),
+    )
+    .unwrap();
+    let catalog_path = catalog_path.to_string_lossy().into_owned();
+
     let mut cluster = Cluster {
         database_url: database.url.clone(),
+        catalog_path: catalog_path.clone(),
         redis_url: redis.url(),
         node_ports: node_ports.clone(),
         router_ports: router_ports.clone(),
@@ -252,6 +279,8 @@ async fn cluster_survives_node_loss_and_growth() {
             &listen,
             "--redis-url",
             &cluster.redis_url,
+            "--catalog",
+            &catalog_path,
         ];
         args.extend([
             "--default-requests-per-minute",
@@ -272,34 +301,30 @@ async fn cluster_survives_node_loss_and_growth() {
         wait_for_port(*port);
     }
 
-    // Twelve providers over four models, half through each router, with the
-    // provider agent's reconnect backoff (1 s doubling to 5 s).
-    let catalog = switchyard_shared::catalog::Catalog::builtin();
-    let models: Vec<String> = catalog
-        .enabled()
-        .map(|entry| entry.id.to_string())
-        .take(4)
-        .collect();
-    let providers: Vec<SimProvider> = (0..12)
+    // Providers with one primary model each, half through each router, with
+    // the provider agent's reconnect backoff (1 s doubling to 5 s).
+    let providers: Vec<SimProvider> = (0..PROVIDERS)
         .map(|index| {
             let router = router_ports[index % 2];
             let mut served = models.clone();
-            served.rotate_left(index % models.len());
+            served.rotate_left(index);
             let config =
                 SimProviderConfig::new(format!("ws://127.0.0.1:{router}/ws/provider"), served);
             SimProvider::spawn(config)
         })
         .collect();
+    let all = PROVIDERS as f64;
     wait_until(
         "every provider is on a node",
         Duration::from_secs(20),
-        async || cluster.total_sessions().await == 12.0,
+        async || cluster.total_sessions().await == all,
     )
     .await;
+    let sample: Vec<&String> = models.iter().take(4).collect();
 
     // Every model is served through either router, including models whose
     // providers live on a node that does not own them.
-    for model in &models {
+    for model in &sample {
         for router in 0..2 {
             assert_eq!(
                 chat(&cluster.router_base(router), &key, model).await,
@@ -308,6 +333,35 @@ async fn cluster_survives_node_loss_and_growth() {
             );
         }
     }
+
+    // A fourth node joins: about a quarter of the providers move to it, and no
+    // request fails meanwhile.
+    cluster.start_node(3);
+    let mut statuses = Vec::new();
+    let joined = Instant::now();
+    while joined.elapsed() < Duration::from_secs(8) {
+        statuses.push(chat(&cluster.router_base(1), &key, sample[0]).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        statuses.iter().all(|status| *status == 200),
+        "requests failed while providers moved: {statuses:?}"
+    );
+    wait_until(
+        "the moved providers are connected again",
+        Duration::from_secs(15),
+        async || {
+            cluster.total_sessions().await == all
+                && cluster.sessions().await.last().copied().unwrap_or(0.0) > 0.0
+        },
+    )
+    .await;
+    let moved = cluster.sessions().await.last().copied().unwrap_or(0.0);
+    println!("{moved} of {PROVIDERS} providers moved to the fourth node");
+    assert!(
+        (2.0..=12.0).contains(&moved),
+        "{moved} of {PROVIDERS} providers moved to the new node"
+    );
 
     // kill -9 of the node with the most providers.
     let sessions = cluster.sessions().await;
@@ -319,7 +373,7 @@ async fn cluster_survives_node_loss_and_growth() {
     let rehomed_in = wait_until(
         "the victim's providers are on other nodes",
         Duration::from_secs(15),
-        async || cluster.total_sessions().await == 12.0,
+        async || cluster.total_sessions().await == all,
     )
     .await;
     println!("providers routable again {rehomed_in:?} after kill -9");
@@ -327,7 +381,7 @@ async fn cluster_survives_node_loss_and_growth() {
         rehomed_in <= Duration::from_secs(10),
         "re-homing took {rehomed_in:?}"
     );
-    for model in &models {
+    for model in &sample {
         assert_eq!(
             chat(&cluster.router_base(0), &key, model).await,
             200,
@@ -335,34 +389,38 @@ async fn cluster_survives_node_loss_and_growth() {
         );
     }
 
-    // A fourth node joins: some providers move to it, and nothing fails meanwhile.
-    cluster.start_node(3);
-    let mut statuses = Vec::new();
-    let joined = Instant::now();
-    while joined.elapsed() < Duration::from_secs(8) {
-        statuses.push(chat(&cluster.router_base(1), &key, &models[0]).await);
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    // A rate limit is shared by both router processes.
+    let limited = AccountId::from("limited");
+    ledger.create_account(&limited).await.unwrap();
+    ledger
+        .credit(&limited, MicroUsd::from_usd(10), "seed")
+        .await
+        .unwrap();
+    let limits = switchyard_shared::ledger::RateLimits {
+        requests_per_minute: Some(6),
+        tokens_per_minute: None,
+    };
+    ledger.set_rate_limits(&limited, limits).await.unwrap();
+    let limited_key = ledger
+        .issue_api_key(&limited, "limited")
+        .await
+        .unwrap()
+        .secret;
+    let mut accepted = 0;
+    for attempt in 0..20 {
+        if chat(&cluster.router_base(attempt % 2), &limited_key, sample[0]).await == 200 {
+            accepted += 1;
+        }
     }
+    // Six at once, plus at most one refilled during the run.
     assert!(
-        statuses.iter().all(|status| *status == 200),
-        "requests failed while providers moved: {statuses:?}"
+        (6..=7).contains(&accepted),
+        "{accepted} of 20 accepted with a limit of 6 per minute"
     );
-    wait_until(
-        "the new node has providers",
-        Duration::from_secs(15),
-        async || cluster.sessions().await.last().copied().unwrap_or(0.0) > 0.0,
-    )
-    .await;
-    wait_until(
-        "all providers are connected",
-        Duration::from_secs(15),
-        async || cluster.total_sessions().await == 12.0,
-    )
-    .await;
 
     // Redis restarted under load: requests keep succeeding throughout.
     redis.stop();
-    for model in &models {
+    for model in &sample {
         assert_eq!(
             chat(&cluster.router_base(0), &key, model).await,
             200,
@@ -370,8 +428,24 @@ async fn cluster_survives_node_loss_and_growth() {
         );
     }
     redis.restart();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    for model in &models {
+    // Membership recovers on its own: every live node writes its record again.
+    let live_nodes = cluster.nodes.iter().filter(|node| node.is_some()).count();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    wait_until(
+        "every live node is a member again",
+        Duration::from_secs(10),
+        async || {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg("switchyard:member:*")
+                .query_async(&mut connection)
+                .await
+                .unwrap_or_default();
+            keys.len() == live_nodes
+        },
+    )
+    .await;
+    for model in &sample {
         assert_eq!(
             chat(&cluster.router_base(1), &key, model).await,
             200,
@@ -392,5 +466,6 @@ async fn cluster_survives_node_loss_and_growth() {
     drop(providers);
     drop(cluster);
     drop(ledger);
+    let _ = std::fs::remove_file(&catalog_path);
     database.drop_database().await.unwrap();
 }

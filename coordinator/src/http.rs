@@ -67,6 +67,12 @@ async fn metrics(State(state): State<Arc<NodeState>>) -> Response {
     );
     render_counter(
         &mut out,
+        &state.metrics.redis_errors,
+        "switchyard_node_redis_errors_total",
+        "Failed calls to the cluster bus.",
+    );
+    render_counter(
+        &mut out,
         &state.metrics.rehomes,
         "switchyard_node_rehomes_total",
         "Provider sockets closed so the provider moves to its new home.",
@@ -230,7 +236,7 @@ async fn handle_chat(
     tracing::Span::current().record("model", entry.id.as_str());
     let chat = request::validate_chat_request(body, &entry)?;
 
-    if state.is_draining() || state.scheduler.provider_count(&entry.id) == 0 {
+    if state.is_draining() || !state.scheduler.has_routable(&entry.id) {
         return Ok(retry_elsewhere());
     }
 

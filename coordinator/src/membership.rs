@@ -1,12 +1,13 @@
 //! A node's part in the cluster bus: it heartbeats its member record every
-//! second and publishes a capacity snapshot of all its models every 500 ms,
-//! until shutdown, when it leaves the member set.
+//! second and publishes a capacity snapshot of all its models every 500 ms, and
+//! at once when capacity changes a lot, until shutdown, when it leaves the
+//! member set.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_shared::cluster::{
-    CapacitySnapshot, MemberRecord, MemberState, ModelCapacity, now_ms,
+    CapacitySnapshot, MemberRecord, MemberState, ModelCapacity, large_change, now_ms,
 };
 use tracing::{info, warn};
 
@@ -20,6 +21,8 @@ pub const MEMBER_TTL: Duration = Duration::from_secs(3);
 pub const SNAPSHOT_INTERVAL: Duration = Duration::from_millis(500);
 /// Expiry of a snapshot in the bus.
 pub const SNAPSHOT_TTL: Duration = Duration::from_secs(3);
+/// Time between checks for a change large enough to publish a snapshot at once.
+pub const CHANGE_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Runs until the node shuts down. `address` is the base URL routers use.
 pub async fn run(state: Arc<NodeState>, address: String) {
@@ -34,7 +37,9 @@ pub async fn run(state: Arc<NodeState>, address: String) {
     };
     let mut heartbeats = tokio::time::interval(HEARTBEAT_INTERVAL);
     let mut snapshots = tokio::time::interval(SNAPSHOT_INTERVAL);
+    let mut change_checks = tokio::time::interval(CHANGE_CHECK_INTERVAL);
     let mut sequence = 0u64;
+    let mut last_published: Option<CapacitySnapshot> = None;
     let mut failing = false;
     info!(node.id = %record.node_id, address = %record.address, "joining the cluster");
 
@@ -50,9 +55,27 @@ pub async fn run(state: Arc<NodeState>, address: String) {
             }
             _ = snapshots.tick() => {
                 sequence += 1;
-                bus.publish_snapshot(&snapshot(&state, sequence), SNAPSHOT_TTL).await
+                let current = snapshot(&state, sequence);
+                let published = bus.publish_snapshot(&current, SNAPSHOT_TTL).await;
+                last_published = Some(current);
+                published
+            }
+            _ = change_checks.tick() => {
+                let current = snapshot(&state, sequence + 1);
+                match &last_published {
+                    Some(previous) if large_change(previous, &current) => {
+                        sequence += 1;
+                        let published = bus.publish_snapshot(&current, SNAPSHOT_TTL).await;
+                        last_published = Some(current);
+                        published
+                    }
+                    _ => Ok(()),
+                }
             }
         };
+        if result.is_err() {
+            state.metrics.redis_errors.increment(&[]);
+        }
         match result {
             Ok(()) if failing => {
                 failing = false;

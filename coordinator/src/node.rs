@@ -52,6 +52,8 @@ pub struct NodeMetrics {
     pub ledger_errors: CounterFamily,
     /// Provider sockets closed so the provider moves to its new home.
     pub rehomes: CounterFamily,
+    /// Failed calls to the cluster bus.
+    pub redis_errors: CounterFamily,
 }
 
 impl NodeState {

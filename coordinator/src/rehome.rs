@@ -45,6 +45,7 @@ pub async fn run(state: Arc<NodeState>) {
     let mut ticks = tokio::time::interval(CHECK_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pending: HashMap<ProviderId, PendingMove> = HashMap::new();
+    let mut previous_ring: Option<Ring> = None;
 
     loop {
         tokio::select! {
@@ -56,17 +57,30 @@ pub async fn run(state: Arc<NodeState>) {
             // Without a view of the ring there is nothing safe to move.
             Err(_) => continue,
         };
-        let ring = Ring::new(
-            members
-                .into_iter()
-                .filter(|member| member.state == MemberState::Active)
-                .map(|member| member.node_id),
-        );
+        // A node knows it is alive: if its own record lapsed for a moment (a
+        // stalled heartbeat), it still counts itself, so it does not send its
+        // providers away. Only draining takes it out.
+        let own_id = state.config.node_id.clone();
+        let mut active: Vec<_> = members
+            .into_iter()
+            .filter(|member| member.state == MemberState::Active && member.node_id != own_id)
+            .map(|member| member.node_id)
+            .collect();
+        if !state.is_draining() {
+            active.push(own_id);
+        }
+        let ring = Ring::new(active);
         if ring.is_empty() {
             continue;
         }
 
-        plan_moves(&state, &ring, &mut pending);
+        // A ring must hold for two checks in a row before providers move, so a
+        // member that flickers moves nobody.
+        let stable = previous_ring.as_ref() == Some(&ring);
+        previous_ring = Some(ring.clone());
+        if stable {
+            plan_moves(&state, &ring, &mut pending);
+        }
         move_ready(&state, &mut pending);
     }
 }

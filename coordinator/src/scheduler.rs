@@ -167,6 +167,17 @@ impl Scheduler {
         }
     }
 
+    /// Whether any provider of the model could take a request now or after a
+    /// wait in the queue: routable, busy or not. Stops at the first one found.
+    pub fn has_routable(&self, model: &ModelId) -> bool {
+        self.pool(model).is_some_and(|pool| {
+            lock(&pool.entries)
+                .members
+                .values()
+                .any(|member| member.handle.is_routable())
+        })
+    }
+
     /// Number of providers in a model's pool, free or busy.
     pub fn provider_count(&self, model: &ModelId) -> usize {
         self.pool(model)

@@ -85,6 +85,12 @@ async fn metrics(State(state): State<Arc<RouterState>>) -> Response {
         "switchyard_router_rate_limit_fallbacks_total",
         "Rate-limit checks made locally because Redis was unreachable.",
     );
+    render_counter(
+        &mut out,
+        &state.redis_errors,
+        "switchyard_router_redis_errors_total",
+        "Failed Redis calls of the cluster view, by operation.",
+    );
     render_gauge(
         &mut out,
         "switchyard_router_nodes",

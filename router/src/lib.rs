@@ -34,12 +34,14 @@ pub async fn serve(listener: TcpListener, state: Arc<RouterState>) -> std::io::R
 
     let listener_task = tokio::spawn(revocation::listen(state.clone()));
     let refresh_task = tokio::spawn(cluster::refresh(state.clone()));
+    let follow_task = tokio::spawn(cluster::follow_snapshots(state.clone()));
     let shutdown = state.shutdown.clone();
     let served = axum::serve(listener, http::app(state))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await;
     listener_task.abort();
     refresh_task.abort();
+    follow_task.abort();
     served?;
     info!("router stopped");
     Ok(())

@@ -33,6 +33,13 @@ pub struct Forward<'a> {
 pub async fn forward(state: &RouterState, request: Forward<'_>) -> Response {
     let candidates = state.candidates(request.model);
     let mut saw_no_capacity = false;
+    // The id a node bills under. After a node answers "retry elsewhere" it holds
+    // nothing for the request, so the next node gets a derived id (a reused id
+    // would meet the released hold). After a connection failure the outcome on
+    // that node is unknown, so the id stays: if that node did hold or charge,
+    // the next one refuses the duplicate instead of billing twice.
+    let mut billing_id = request.request_id.to_string();
+    let mut retries_elsewhere = 0;
 
     for node in candidates.into_iter().take(MAX_NODES_TRIED) {
         let url = format!("{}{}", node.base_url, internal::CHAT_COMPLETIONS_PATH);
@@ -42,7 +49,7 @@ pub async fn forward(state: &RouterState, request: Forward<'_>) -> Response {
             .timeout(state.config.node_timeout)
             .header(header::CONTENT_TYPE, "application/json")
             .header(internal::CLUSTER_TOKEN, &state.config.cluster_token)
-            .header(internal::REQUEST_ID, request.request_id.as_str())
+            .header(internal::REQUEST_ID, billing_id.as_str())
             .header(internal::ACCOUNT_ID, request.account_id.as_str())
             .header(internal::KEY_PREFIX, request.key_prefix)
             .header(internal::API_KIND, request.api_kind.as_str())
@@ -65,6 +72,8 @@ pub async fn forward(state: &RouterState, request: Forward<'_>) -> Response {
             debug!(node.id = %node.id, "node has no provider for the model; trying the next one");
             state.node_failovers.increment(&[("reason", "no_provider")]);
             saw_no_capacity = true;
+            retries_elsewhere += 1;
+            billing_id = format!("{}.{retries_elsewhere}", request.request_id);
             continue;
         }
 

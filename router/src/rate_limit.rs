@@ -97,8 +97,9 @@ pub struct RateLimiter {
     /// Prefix of every Redis key, so clusters (and tests) can share a server.
     key_prefix: String,
     defaults: DefaultLimits,
-    /// Routers sharing the limits; the local fallback allows 1/routers of them.
-    routers: u32,
+    /// Routers sharing the limits, as last counted on the bus (or configured);
+    /// the local fallback allows 1/routers of them.
+    routers: std::sync::atomic::AtomicU32,
     timeout: Duration,
     script: redis::Script,
     /// Theoretical arrival times of the local buckets, in milliseconds since `epoch`.
@@ -131,7 +132,7 @@ impl RateLimiter {
             redis,
             key_prefix: key_prefix.to_owned(),
             defaults,
-            routers: routers.max(1),
+            routers: std::sync::atomic::AtomicU32::new(routers.max(1)),
             timeout: Duration::from_millis(100),
             script: redis::Script::new(GCRA_SCRIPT),
             local: Mutex::new(HashMap::new()),
@@ -140,6 +141,12 @@ impl RateLimiter {
             fallbacks: CounterFamily::default(),
             rejections: CounterFamily::default(),
         })
+    }
+
+    /// Records how many routers share the limits, as counted on the bus.
+    pub fn set_router_count(&self, routers: usize) {
+        let routers = u32::try_from(routers).unwrap_or(u32::MAX).max(1);
+        self.routers.store(routers, Ordering::Relaxed);
     }
 
     /// Checks that `redis_url`, when given, is a valid Redis URL.
@@ -188,13 +195,14 @@ impl RateLimiter {
                 }
                 Err(error) => {
                     self.fallbacks.increment(&[]);
+                    let routers = self.routers.load(Ordering::Relaxed).max(1);
                     if !self.degraded.swap(true, Ordering::Relaxed) {
-                        warn!(error = %error, routers = self.routers, "Redis is unreachable; rate limits fall back to this router's share");
+                        warn!(error = %error, routers, "Redis is unreachable; rate limits fall back to this router's share");
                     }
                     self.check_local(
                         account,
-                        requests_limit / self.routers,
-                        tokens_limit / self.routers,
+                        requests_limit / routers,
+                        tokens_limit / routers,
                         tokens,
                     )
                 }

@@ -29,6 +29,10 @@ pub struct RouterState {
     /// Requests sent on to another node because one could not take them.
     pub node_failovers: CounterFamily,
     pub limiter: RateLimiter,
+    /// This router's id on the bus, new at each start.
+    pub router_id: String,
+    /// Failed Redis calls of the cluster view, by operation.
+    pub redis_errors: CounterFamily,
     /// Live members and capacity, when a cluster bus is configured.
     pub bus: Option<Arc<dyn ClusterBus>>,
     pub view: ClusterView,
@@ -72,6 +76,8 @@ impl RouterState {
             http_metrics: Arc::new(HttpMetrics::default()),
             node_failovers: CounterFamily::default(),
             limiter,
+            router_id: uuid::Uuid::new_v4().simple().to_string(),
+            redis_errors: CounterFamily::default(),
             bus: None,
             view: ClusterView::new(),
         })

@@ -103,13 +103,58 @@ pub trait ClusterBus: Send + Sync + 'static {
 
     /// Returns the snapshots that have not expired.
     async fn snapshots(&self) -> Result<Vec<CapacitySnapshot>, BusError>;
+
+    /// Marks a router alive for `ttl`; routers count each other this way.
+    async fn heartbeat_router(&self, router_id: &str, ttl: Duration) -> Result<(), BusError>;
+
+    /// Counts the routers whose heartbeat has not expired.
+    async fn router_count(&self) -> Result<usize, BusError>;
+
+    /// Streams snapshots as nodes publish them, until the connection drops.
+    async fn subscribe_snapshots(
+        &self,
+    ) -> Result<futures::stream::BoxStream<'static, CapacitySnapshot>, BusError>;
+}
+
+/// Tells whether `current` differs enough from the last published snapshot to
+/// publish it at once: a model appeared or disappeared, its providers changed,
+/// its free slots crossed zero, or they moved by at least half its slots.
+pub fn large_change(previous: &CapacitySnapshot, current: &CapacitySnapshot) -> bool {
+    if previous.models.len() != current.models.len() {
+        return true;
+    }
+    current.models.iter().any(|now| {
+        let Some(before) = previous
+            .models
+            .iter()
+            .find(|model| model.model == now.model)
+        else {
+            return true;
+        };
+        let crossed_zero = (before.free_slots == 0) != (now.free_slots == 0);
+        let moved =
+            before.free_slots.abs_diff(now.free_slots).saturating_mul(2) >= now.total_slots.max(1);
+        before.providers != now.providers || crossed_zero || moved
+    })
 }
 
 /// A bus inside one process, with the same expiry rules as Redis.
-#[derive(Default)]
 pub struct InProcessBus {
+    routers: Mutex<HashMap<String, std::time::Instant>>,
     members: Mutex<HashMap<NodeId, (MemberRecord, std::time::Instant)>>,
     snapshots: Mutex<HashMap<NodeId, (CapacitySnapshot, std::time::Instant)>>,
+    published: tokio::sync::broadcast::Sender<CapacitySnapshot>,
+}
+
+impl Default for InProcessBus {
+    fn default() -> Self {
+        Self {
+            routers: Mutex::default(),
+            members: Mutex::default(),
+            snapshots: Mutex::default(),
+            published: tokio::sync::broadcast::channel(1024).0,
+        }
+    }
 }
 
 impl InProcessBus {
@@ -127,6 +172,18 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 #[async_trait]
 impl ClusterBus for InProcessBus {
+    async fn heartbeat_router(&self, router_id: &str, ttl: Duration) -> Result<(), BusError> {
+        lock(&self.routers).insert(router_id.to_owned(), std::time::Instant::now() + ttl);
+        Ok(())
+    }
+
+    async fn router_count(&self) -> Result<usize, BusError> {
+        let now = std::time::Instant::now();
+        let mut routers = lock(&self.routers);
+        routers.retain(|_, expires| *expires > now);
+        Ok(routers.len())
+    }
+
     async fn heartbeat(&self, record: &MemberRecord, ttl: Duration) -> Result<(), BusError> {
         lock(&self.members).insert(
             record.node_id.clone(),
@@ -157,6 +214,8 @@ impl ClusterBus for InProcessBus {
             snapshot.node_id.clone(),
             (snapshot.clone(), std::time::Instant::now() + ttl),
         );
+        // No subscriber is fine: the stored snapshot is the record.
+        let _ = self.published.send(snapshot.clone());
         Ok(())
     }
 
@@ -169,12 +228,33 @@ impl ClusterBus for InProcessBus {
             .map(|(snapshot, _)| snapshot.clone())
             .collect())
     }
+
+    async fn subscribe_snapshots(
+        &self,
+    ) -> Result<futures::stream::BoxStream<'static, CapacitySnapshot>, BusError> {
+        use futures::StreamExt as _;
+
+        let receiver = self.published.subscribe();
+        let stream = futures::stream::unfold(receiver, |mut receiver| async move {
+            loop {
+                match receiver.recv().await {
+                    Ok(snapshot) => return Some((snapshot, receiver)),
+                    // A slow reader misses some; the next poll catches up.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        });
+        Ok(stream.boxed())
+    }
 }
 
 /// The bus in Redis. Every call is bounded by a short timeout, so a Redis outage
-/// slows nothing down: callers keep their last view.
+/// slows nothing down: callers keep their last view. Snapshots are also
+/// published on the channel `<prefix>snapshots`.
 pub struct RedisBus {
     pool: deadpool_redis::Pool,
+    url: String,
     key_prefix: String,
     timeout: Duration,
 }
@@ -186,6 +266,7 @@ impl RedisBus {
             .map_err(|error| BusError::Unavailable(Box::new(error)))?;
         Ok(Self {
             pool,
+            url: url.to_owned(),
             key_prefix: key_prefix.to_owned(),
             timeout: Duration::from_millis(500),
         })
@@ -257,6 +338,22 @@ impl RedisBus {
 
 #[async_trait]
 impl ClusterBus for RedisBus {
+    async fn heartbeat_router(&self, router_id: &str, ttl: Duration) -> Result<(), BusError> {
+        self.write(
+            format!("{}router:{router_id}", self.key_prefix),
+            "1".to_owned(),
+            ttl,
+        )
+        .await
+    }
+
+    async fn router_count(&self) -> Result<usize, BusError> {
+        Ok(self
+            .read_all(format!("{}router:*", self.key_prefix))
+            .await?
+            .len())
+    }
+
     async fn heartbeat(&self, record: &MemberRecord, ttl: Duration) -> Result<(), BusError> {
         let value = serde_json::to_string(record)
             .map_err(|error| BusError::Unavailable(Box::new(error)))?;
@@ -299,11 +396,20 @@ impl ClusterBus for RedisBus {
     ) -> Result<(), BusError> {
         let value = serde_json::to_string(snapshot)
             .map_err(|error| BusError::Unavailable(Box::new(error)))?;
-        self.write(
-            format!("{}snapshot:{}", self.key_prefix, snapshot.node_id),
-            value,
-            ttl,
-        )
+        let key = format!("{}snapshot:{}", self.key_prefix, snapshot.node_id);
+        let channel = format!("{}snapshots", self.key_prefix);
+        self.bounded(async {
+            let mut connection = self.connection().await?;
+            let millis = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+            redis::pipe()
+                .pset_ex(&key, &value, millis)
+                .ignore()
+                .publish(&channel, &value)
+                .ignore()
+                .query_async::<()>(&mut connection)
+                .await
+                .map_err(|error| BusError::Unavailable(Box::new(error)))
+        })
         .await
     }
 
@@ -315,6 +421,32 @@ impl ClusterBus for RedisBus {
             .iter()
             .filter_map(|value| serde_json::from_str(value).ok())
             .collect())
+    }
+
+    async fn subscribe_snapshots(
+        &self,
+    ) -> Result<futures::stream::BoxStream<'static, CapacitySnapshot>, BusError> {
+        use futures::StreamExt as _;
+
+        let subscribe = async {
+            let client = redis::Client::open(self.url.as_str())
+                .map_err(|error| BusError::Unavailable(Box::new(error)))?;
+            let mut pubsub = client
+                .get_async_pubsub()
+                .await
+                .map_err(|error| BusError::Unavailable(Box::new(error)))?;
+            pubsub
+                .subscribe(format!("{}snapshots", self.key_prefix))
+                .await
+                .map_err(|error| BusError::Unavailable(Box::new(error)))?;
+            Ok::<_, BusError>(pubsub)
+        };
+        let pubsub = self.bounded(subscribe).await?;
+        let stream = pubsub.into_on_message().filter_map(|message| async move {
+            let payload: String = message.get_payload().ok()?;
+            serde_json::from_str(&payload).ok()
+        });
+        Ok(stream.boxed())
     }
 }
 

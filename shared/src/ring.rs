@@ -145,6 +145,68 @@ mod tests {
         }
     }
 
+    /// With 1,000 models the shares of N nodes vary like a fair draw: their
+    /// standard deviation stays near the binomial one, and no node gets more than
+    /// twice the even share. For 50 nodes that is 20 ± 4.4 models.
+    #[test]
+    fn shares_spread_like_fair_draw() {
+        for count in [3usize, 10, 50] {
+            let ring = ring_of(count);
+            let mut shares: HashMap<&NodeId, usize> = HashMap::new();
+            let all = models(1000);
+            for model in &all {
+                *shares.entry(ring.owner(model).unwrap()).or_default() += 1;
+            }
+            let even = 1000.0 / count as f64;
+            let variance = ring
+                .nodes()
+                .iter()
+                .map(|node| {
+                    let share = *shares.get(node).unwrap_or(&0) as f64;
+                    (share - even).powi(2)
+                })
+                .sum::<f64>()
+                / count as f64;
+            let p = 1.0 / count as f64;
+            let binomial = (1000.0 * p * (1.0 - p)).sqrt();
+            assert!(
+                variance.sqrt() <= 1.5 * binomial,
+                "{count} nodes: standard deviation {:.1} against {binomial:.1} for a fair draw",
+                variance.sqrt()
+            );
+            for (node, share) in &shares {
+                assert!(
+                    *share as f64 <= 2.0 * even,
+                    "{node} owns {share}, even is {even}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn removing_node_moves_only_its_models() {
+        for count in [3, 10, 50] {
+            let before = ring_of(count);
+            let removed = NodeId::new("coordinator-0");
+            let after = Ring::new(
+                before
+                    .nodes()
+                    .iter()
+                    .filter(|node| **node != removed)
+                    .cloned(),
+            );
+            for model in models(1000) {
+                if before.owner(&model) != Some(&removed) {
+                    assert_eq!(
+                        before.owner(&model),
+                        after.owner(&model),
+                        "{model} moved without cause"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn empty_ring_has_no_owner() {
         assert_eq!(Ring::default().owner("m"), None);

@@ -137,3 +137,18 @@ async fn unreachable_redis_falls_back_to_share() {
     assert_eq!(allowed, 5, "each of two routers allows half the limit");
     assert_eq!(limiter.fallbacks.value(&[]), 10);
 }
+
+#[tokio::test]
+async fn fallback_uses_counted_routers() {
+    let limiter =
+        RateLimiter::new(Some("redis://127.0.0.1:1"), &prefix(), defaults(12, 0), 1).unwrap();
+    limiter.set_router_count(4);
+    let mut allowed = 0;
+    for _ in 0..12 {
+        allowed += usize::from(admitted(&limiter, 1).await);
+    }
+    assert_eq!(
+        allowed, 3,
+        "a quarter of the limit with four routers counted"
+    );
+}

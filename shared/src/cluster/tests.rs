@@ -287,3 +287,57 @@ fn replicas_spread_over_owners() {
     assert_eq!(candidates[0].node_id, owners[0]);
     assert_eq!(candidates[1].node_id, owners[1]);
 }
+
+bus_contract!(published_snapshots_are_pushed);
+async fn published_snapshots_are_pushed(bus: Arc<dyn ClusterBus>) {
+    use futures::StreamExt as _;
+
+    let mut pushed = bus.subscribe_snapshots().await.unwrap();
+    let sent = snapshot("a", 7, now_ms(), vec![capacity("m", 1, 2)]);
+    bus.publish_snapshot(&sent, Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    let received = tokio::time::timeout(Duration::from_secs(2), pushed.next())
+        .await
+        .expect("a snapshot arrives")
+        .expect("the subscription is open");
+    assert_eq!(received, sent);
+}
+
+#[test]
+fn large_change_detection() {
+    let base = snapshot("a", 1, 0, vec![capacity("m", 2, 4)]);
+    let same = snapshot("a", 2, 0, vec![capacity("m", 2, 3)]);
+    assert!(!large_change(&base, &same), "one slot of eight is small");
+
+    let half = snapshot("a", 2, 0, vec![capacity("m", 2, 0)]);
+    assert!(large_change(&base, &half), "free slots crossed zero");
+
+    let new_provider = snapshot("a", 2, 0, vec![capacity("m", 3, 4)]);
+    assert!(large_change(&base, &new_provider));
+
+    let new_model = snapshot("a", 2, 0, vec![capacity("m", 2, 4), capacity("n", 1, 4)]);
+    assert!(large_change(&base, &new_model));
+}
+
+bus_contract!(routers_count_each_other);
+async fn routers_count_each_other(bus: Arc<dyn ClusterBus>) {
+    bus.heartbeat_router("router-a", Duration::from_secs(30))
+        .await
+        .unwrap();
+    bus.heartbeat_router("router-b", Duration::from_millis(200))
+        .await
+        .unwrap();
+    bus.heartbeat_router("router-a", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(bus.router_count().await.unwrap(), 2);
+
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        bus.router_count().await.unwrap(),
+        1,
+        "router-b stopped heartbeating"
+    );
+}
