@@ -1,7 +1,7 @@
-//! Re-homing: when the ring changes so that a provider's home is another node,
-//! this node stops giving the provider new requests, lets it finish the ones it
-//! has, and closes its socket with the re-home close code; the provider
-//! reconnects through a router and lands on its new home.
+//! Re-homing of providers whose home moved to another node after a ring change.
+//! This node stops giving such a provider new requests and lets it finish the
+//! ones it has. Then it closes the socket with the re-home close code, and the
+//! provider reconnects through a router to its new home.
 //!
 //! Each check reads the member set from the bus once a second. Moves start after
 //! a random delay of up to [`MAX_JITTER`] and at most [`MAX_MOVES_PER_SECOND`]
@@ -57,9 +57,9 @@ pub async fn run(state: Arc<NodeState>) {
             // Without a view of the ring there is nothing safe to move.
             Err(_) => continue,
         };
-        // A node knows it is alive: if its own record lapsed for a moment (a
-        // stalled heartbeat), it still counts itself, so it does not send its
-        // providers away. Only draining takes it out.
+        // A running node counts itself even if its own record lapsed for a
+        // moment (a stalled heartbeat), so it does not send its providers away.
+        // Only draining takes it out.
         let own_id = state.config.node_id.clone();
         let mut active: Vec<_> = members
             .into_iter()
@@ -75,7 +75,7 @@ pub async fn run(state: Arc<NodeState>) {
         }
 
         // A ring must hold for two checks in a row before providers move, so a
-        // member that flickers moves nobody.
+        // member that flickers moves no provider.
         let stable = previous_ring.as_ref() == Some(&ring);
         previous_ring = Some(ring.clone());
         if stable {

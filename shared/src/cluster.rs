@@ -82,7 +82,7 @@ pub enum BusError {
     TimedOut,
 }
 
-/// Where membership and snapshots are shared.
+/// The shared store of membership and snapshots.
 #[async_trait]
 pub trait ClusterBus: Send + Sync + 'static {
     /// Writes a member record that expires after `ttl` unless written again.
