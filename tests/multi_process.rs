@@ -370,12 +370,36 @@ async fn cluster_survives_node_loss_and_growth() {
         .unwrap();
     assert!(sessions[victim] > 0.0);
     cluster.nodes[victim] = None;
-    let rehomed_in = wait_until(
-        "the victim's providers are on other nodes",
-        Duration::from_secs(15),
-        async || cluster.total_sessions().await == all,
-    )
-    .await;
+    let killed_at = Instant::now();
+
+    // Load right after the kill, while routers still list the dead node: a
+    // request sent to it is refused before it starts and goes to the next
+    // node, so it succeeds, or gets 503 if every provider of its model was on
+    // the dead node and has not reconnected yet. Nothing else.
+    let bases: Vec<String> = (0..2).map(|router| cluster.router_base(router)).collect();
+    let load = (0..24).map(|index| {
+        let base = bases[index % 2].clone();
+        let model = models[index % models.len()].clone();
+        let key = key.clone();
+        async move { chat(&base, &key, &model).await }
+    });
+    let statuses = futures::future::join_all(load).await;
+    assert!(
+        statuses.iter().all(|status| matches!(status, 200 | 503)),
+        "requests during the kill: {statuses:?}"
+    );
+    assert!(
+        statuses.contains(&200),
+        "requests for models served elsewhere succeed: {statuses:?}"
+    );
+
+    let rehomed_in = killed_at.elapsed()
+        + wait_until(
+            "the victim's providers are on other nodes",
+            Duration::from_secs(15),
+            async || cluster.total_sessions().await == all,
+        )
+        .await;
     println!("providers routable again {rehomed_in:?} after kill -9");
     assert!(
         rehomed_in <= Duration::from_secs(10),
