@@ -90,7 +90,7 @@ pub fn generate_secret(prefix: &str) -> String {
     format!("{prefix}{}", hex::encode(bytes))
 }
 
-/// What an API key resolves to.
+/// The account and display prefix an API key resolves to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ApiKeyInfo {
     pub account_id: AccountId,
@@ -118,7 +118,7 @@ pub struct HoldRequest {
     pub node_id: NodeId,
 }
 
-/// How a request ended, as recorded with its usage.
+/// The way a request ended, recorded with its usage.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
@@ -178,7 +178,7 @@ pub(crate) struct SettlementPlan {
 
 impl SettlementPlan {
     /// Plans a settlement of `settlement` against a hold of `hold`.
-    /// `provider_exists` tells whether the provider's account is known.
+    /// `provider_exists` is whether the provider's account exists.
     pub fn new(settlement: &Settlement, hold: MicroUsd, provider_exists: bool) -> Self {
         let charged = settlement.cost.min(hold).max(MicroUsd::ZERO);
         let provider_account = settlement
@@ -250,7 +250,7 @@ pub struct IssuedSecret {
     pub display_prefix: String,
 }
 
-/// What a settlement did. A repeated settlement returns the first one's receipt.
+/// The amounts a settlement moved. A repeated settlement returns the first receipt.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SettlementReceipt {
     pub charged: MicroUsd,

@@ -37,7 +37,7 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 /// Advisory lock key held by the node that sweeps stale holds ("SWEEPER" in ASCII).
 const SWEEPER_LOCK_KEY: i64 = 0x0053_5745_4550_4552;
 
-/// Most holds or settlements sent in one call.
+/// Maximum number of holds or settlements sent in one call.
 const MAX_BATCH: usize = 64;
 /// Batches of each kind running at once, each on its own connection.
 const MAX_BATCHES_IN_FLIGHT: usize = 4;
