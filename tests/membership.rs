@@ -163,3 +163,43 @@ async fn draining_node_moves_its_providers() {
     }
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_shutdown_drains_and_closes() {
+    let cluster = common::start(common::options(0)).await;
+    let provider = common::add_provider(&cluster, &[MODEL], |config| {
+        config.token_rate = 20.0;
+        config.completion_tokens = 20;
+    })
+    .await;
+
+    // A slow stream is under way when the router is told to stop.
+    let mut body = common::chat_body(true);
+    body["max_tokens"] = serde_json::json!(20);
+    let response = common::post_chat(&cluster, &body).await;
+    assert_eq!(response.status(), 200);
+    cluster.router.shutdown.cancel();
+
+    // The stream still finishes, and the provider is told to reconnect elsewhere.
+    let events = common::read_sse(response).await;
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "the stream in flight completes"
+    );
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        provider.wait_until(|stats| stats.last_close_code == Some(1001)),
+    )
+    .await
+    .expect("the provider gets close code 1001");
+
+    // New connections are refused once the router has stopped.
+    common::eventually("the router stops accepting", async || {
+        reqwest::get(format!("http://{}/healthz", cluster.router_address))
+            .await
+            .is_err()
+    })
+    .await;
+    cluster.shutdown().await;
+}

@@ -9,6 +9,7 @@
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt as _;
 use switchyard_shared::api::{ApiError, ErrorKind};
 use switchyard_shared::ids::{AccountId, ConsumerRequestId};
 use switchyard_shared::internal::{self, ApiKind};
@@ -77,7 +78,7 @@ pub async fn forward(state: &RouterState, request: Forward<'_>) -> Response {
             continue;
         }
 
-        return relay(response);
+        return relay(response, state.track_stream());
     }
 
     let message = if saw_no_capacity {
@@ -91,7 +92,7 @@ pub async fn forward(state: &RouterState, request: Forward<'_>) -> Response {
 }
 
 /// Streams a node's response to the consumer, keeping the headers that matter.
-fn relay(response: reqwest::Response) -> Response {
+fn relay(response: reqwest::Response, stream_guard: crate::state::ActiveStream) -> Response {
     let status = response.status();
     let mut headers = axum::http::HeaderMap::new();
     for name in [
@@ -111,7 +112,12 @@ fn relay(response: reqwest::Response) -> Response {
         headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     }
 
-    let mut relayed = Response::new(Body::from_stream(response.bytes_stream()));
+    // The guard lives as long as the body, so shutdown can wait for the stream.
+    let body = response.bytes_stream().map(move |chunk| {
+        let _streaming = &stream_guard;
+        chunk
+    });
+    let mut relayed = Response::new(Body::from_stream(body));
     *relayed.status_mut() = status;
     *relayed.headers_mut() = headers;
     relayed

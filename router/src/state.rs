@@ -23,8 +23,13 @@ pub struct RouterState {
     pub nodes: HashMap<NodeId, NodeAddress>,
     pub http: reqwest::Client,
     pub keys: KeyCache,
-    /// Cancelled when the router shuts down; provider pipes close on it.
+    /// Cancelled when the router shuts down: it stops accepting connections.
     pub shutdown: CancellationToken,
+    /// Cancelled once the answers in flight have finished (or the drain deadline
+    /// passed): provider pipes close on it, so no stream loses its provider.
+    pub close_providers: CancellationToken,
+    /// Consumer answers being relayed.
+    active_streams: Arc<std::sync::atomic::AtomicUsize>,
     pub http_metrics: Arc<HttpMetrics>,
     /// Requests sent on to another node because one could not take them.
     pub node_failovers: CounterFamily,
@@ -73,6 +78,8 @@ impl RouterState {
             http,
             keys,
             shutdown: CancellationToken::new(),
+            close_providers: CancellationToken::new(),
+            active_streams: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             http_metrics: Arc::new(HttpMetrics::default()),
             node_failovers: CounterFamily::default(),
             limiter,
@@ -81,6 +88,18 @@ impl RouterState {
             bus: None,
             view: ClusterView::new(),
         })
+    }
+
+    /// Counts a relayed answer until the returned guard drops.
+    pub fn track_stream(&self) -> ActiveStream {
+        self.active_streams
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        ActiveStream(self.active_streams.clone())
+    }
+
+    pub fn active_streams(&self) -> usize {
+        self.active_streams
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Uses `bus` for live membership and capacity instead of the static list.
@@ -147,5 +166,14 @@ impl RouterState {
             });
         }
         self.nodes.get(node).cloned()
+    }
+}
+
+/// A relayed answer in progress; dropping it ends the count.
+pub struct ActiveStream(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for ActiveStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }

@@ -186,7 +186,7 @@ async fn pipe(
 
     loop {
         tokio::select! {
-            _ = state.shutdown.cancelled() => {
+            _ = state.close_providers.cancelled() => {
                 let _ = provider_sink.send(close_message(close_code::GOING_AWAY, "router shutting down")).await;
                 let _ = node_sink.send(tungstenite::Message::Close(None)).await;
                 return;
