@@ -20,7 +20,7 @@ async fn router_finds_nodes_on_bus() {
     let cluster = common::start(common::options(0)).await;
     let _provider = common::add_provider(&cluster, &[MODEL], |_| {}).await;
 
-    // A router that knows no node except through the bus.
+    // A router with no node list: it finds nodes through the bus only.
     let mut config = cluster.router.config.clone();
     config.nodes.clear();
     let router = RouterState::with_bus(

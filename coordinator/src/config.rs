@@ -41,18 +41,18 @@ pub struct NodeConfig {
     pub heartbeat_timeout: Duration,
     /// Time between attestation challenges; the first is sent right after register.
     pub challenge_interval: Duration,
-    /// Time a provider has to answer a challenge.
+    /// Time a provider has to respond to a challenge.
     pub challenge_timeout: Duration,
-    /// Time for a provider to accept, answer or refuse a new request.
+    /// Time for a provider to accept, start or reject a new request.
     pub first_response_timeout: Duration,
     /// After acceptance: time to the first chunk, between chunks, and for a whole
-    /// non-streaming answer.
+    /// non-streaming response.
     pub response_timeout: Duration,
     /// Dispatch attempts before the first content chunk, each on another provider.
     pub max_attempts: u32,
     /// Requests that may wait per model when every provider is busy.
     pub queue_capacity: usize,
-    /// Longest wait in a model's queue.
+    /// Maximum wait in a model's queue.
     pub queue_timeout: Duration,
     /// Largest accepted request body, in bytes.
     pub max_body_bytes: usize,
@@ -86,8 +86,9 @@ impl NodeConfig {
             queue_timeout: Duration::from_secs(30),
             max_body_bytes: 10 * 1024 * 1024,
             settle_retry_window: Duration::from_secs(30),
-            // NOTE: a stream may last longer than this; until nodes can tell a
-            // dead node's holds apart by membership, keep it generous.
+            // NOTE: a stream that lasts longer than this loses its hold and is
+            // not charged. Holds of departed nodes are released sooner, by
+            // membership, so this only backs that up and can stay generous.
             hold_timeout: Duration::from_secs(3600),
             sweep_interval: Duration::from_secs(60),
             advertise_url: None,

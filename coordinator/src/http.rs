@@ -179,7 +179,7 @@ async fn provider_session(
         })
 }
 
-/// Takes a forwarded chat completion request and answers in OpenAI format.
+/// Takes a forwarded chat completion request and responds in OpenAI format.
 async fn chat_completions(
     State(state): State<Arc<NodeState>>,
     headers: HeaderMap,
@@ -311,7 +311,7 @@ async fn handle_chat(
     let gone_on_drop = consumer_gone.clone().drop_guard();
     let start = start_receiver
         .await
-        .map_err(|_| ApiError::new(ErrorKind::Internal, "the request ended without an answer"))?;
+        .map_err(|_| ApiError::new(ErrorKind::Internal, "the request ended without a response"))?;
     let response = match start {
         Start::Failed {
             error,

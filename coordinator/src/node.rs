@@ -30,8 +30,8 @@ pub struct NodeState {
     /// Every request task, so shutdown can wait for them.
     pub tasks: TaskTracker,
     pub metrics: NodeMetrics,
-    /// Where the node announces itself and its capacity; `None` for a node
-    /// outside any cluster bus (routers then need its address in their list).
+    /// The bus the node announces itself and its capacity on. `None` for a node
+    /// outside any cluster bus, which routers then need in their node list.
     pub bus: Option<Arc<dyn ClusterBus>>,
     /// Set when the node drains: it takes no new requests, announces itself as
     /// draining and moves its providers away.

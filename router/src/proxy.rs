@@ -20,7 +20,7 @@ use crate::state::RouterState;
 /// Nodes tried per request: the first candidate and at most two more.
 const MAX_NODES_TRIED: usize = 3;
 
-/// What the router knows about a request when it forwards it.
+/// The request fields the router forwards to a node.
 pub struct Forward<'a> {
     pub request_id: &'a ConsumerRequestId,
     pub account_id: &'a AccountId,
@@ -30,7 +30,7 @@ pub struct Forward<'a> {
     pub body: Bytes,
 }
 
-/// Sends a request to the best node that takes it and relays the answer.
+/// Sends a request to the best node that takes it and relays the response.
 pub async fn forward(state: &RouterState, request: Forward<'_>) -> Response {
     let candidates = state.candidates(request.model);
     let mut saw_no_capacity = false;

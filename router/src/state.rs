@@ -25,10 +25,10 @@ pub struct RouterState {
     pub keys: KeyCache,
     /// Cancelled when the router shuts down: it stops accepting connections.
     pub shutdown: CancellationToken,
-    /// Cancelled once the answers in flight have finished (or the drain deadline
-    /// passed): provider pipes close on it, so no stream loses its provider.
+    /// Cancelled once the responses in flight have finished or the drain
+    /// deadline passed. Provider pipes close on it, so no stream loses its provider.
     pub close_providers: CancellationToken,
-    /// Consumer answers being relayed.
+    /// Consumer responses being relayed.
     active_streams: Arc<std::sync::atomic::AtomicUsize>,
     pub http_metrics: Arc<HttpMetrics>,
     /// Requests sent on to another node because one could not take them.
@@ -90,7 +90,7 @@ impl RouterState {
         })
     }
 
-    /// Counts a relayed answer until the returned guard drops.
+    /// Counts a relayed response until the returned guard drops.
     pub fn track_stream(&self) -> ActiveStream {
         self.active_streams
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
@@ -169,7 +169,7 @@ impl RouterState {
     }
 }
 
-/// A relayed answer in progress; dropping it ends the count.
+/// A relayed response in progress. Dropping it ends the count.
 pub struct ActiveStream(Arc<std::sync::atomic::AtomicUsize>);
 
 impl Drop for ActiveStream {
